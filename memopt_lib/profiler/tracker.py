@@ -258,6 +258,9 @@ class MemoryTracker(TorchDispatchMode):
     def __enter__(self):
         self._active = True
         if self.include_existing:
+            # collect garbage first: a tensor that is unreachable but not yet collected would count as
+            # live now and "free" itself mid-region when gc runs, hiding real allocations under the start
+            gc.collect()
             for t in self._weights() + self._grads() + self._opt_state():
                 self._register(t)
             with warnings.catch_warnings():  # some objects warn when inspected
