@@ -63,7 +63,9 @@ def _tiny_step(ctx, optimizer_name):
     model = load_model("gpt2-tiny").to(ctx.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer_name == "adamw":
-        opt = torch.optim.AdamW(params, lr=1e-3, foreach=False)
+        # fused AdamW keeps its step counters on the device (the for-each version keeps them on the CPU when
+        # training on a GPU, where they would not count against GPU memory)
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=ctx.is_gpu, foreach=False if not ctx.is_gpu else None)
     elif optimizer_name == "sgd-momentum":
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     else:
