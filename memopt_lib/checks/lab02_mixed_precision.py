@@ -26,7 +26,6 @@ Where the thresholds come from
 """
 from __future__ import annotations
 
-import copy
 import json
 from importlib import resources
 
@@ -159,7 +158,7 @@ def step_gradients_match_fp32(ns, ctx):
     model = _tiny(seed, device)
     batch = _batch(model, seed, device)
     ref_loss, ref_grads = _reference(model, batch)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=dtype == torch.float16)
     loss, seen, n_steps = _run_student_step(ns, model, batch, dtype, scaler, device)
     assert isinstance(loss, float), f"return loss.item() (a Python float), not {type(loss).__name__}"
     assert seen and all(d == dtype for d in seen), (
@@ -207,14 +206,17 @@ def step_peak_memory(ns, ctx):
     from ..mixed_precision import capability_of, default_dtype
     dtype = default_dtype(capability_of(device))
     name, b, s = (prof.gpt2, prof.gpt2_batch, prof.gpt2_seq) if ctx.is_gpu else ("gpt2-tiny", 4, 128)
-    torch.manual_seed(ctx.rng.randrange(10**6))
-    base = load_model(name).to(device)
-    batch = random_batch(base.config.vocab_size, b, s, device=device, seed=ctx.rng.randrange(10**6))
+    seed = ctx.rng.randrange(10**6)
     fused = {"fused": True} if device.type == "cuda" else {}
 
-    student = copy.deepcopy(base)
+    def fresh():  # one model alive at a time, so both measurements count the same things
+        torch.manual_seed(seed)
+        return load_model(name).to(device)
+
+    student = fresh()
+    batch = random_batch(student.config.vocab_size, b, s, device=device, seed=seed)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5, **fused)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=dtype == torch.float16)
     amp_peak = _peak(lambda: ns["mixed_precision_step"](student, batch, opt, scaler, dtype), student, opt, device)
     del student, opt
     out = {"amp_peak_bytes": amp_peak}
@@ -224,6 +226,7 @@ def step_peak_memory(ns, ctx):
         assert amp_peak <= budget, (f"autocast step peaked at {amp_peak / GiB:.2f} GiB > {budget / GiB:.2f} GiB "
                                     f"(H200 anchor {anchor} GiB x {GPU_MARGIN}): does something keep fp32 copies?")
         return {**out, "budget_bytes": int(budget)}
+    base = fresh()
     opt = torch.optim.AdamW(base.parameters(), lr=1e-5, **fused)
     fp32_peak = _peak(train_step_fn(base, batch, opt), base, opt, device)
     ratio = amp_peak / fp32_peak

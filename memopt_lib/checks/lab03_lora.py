@@ -171,14 +171,15 @@ def optimizer_state_bytes(ns, ctx):
     from ..text import random_batch
     device, prof = ctx.device, ctx.profile
     real = ctx.is_gpu and (prof.gpt2, prof.gpt2_batch, prof.gpt2_seq) == ("gpt2", 8, 512)
-    if real:
-        torch.manual_seed(ctx.rng.randrange(10**6))
+    seed = ctx.rng.randrange(10**6)
+    if real:  # one model on the GPU: the peak is the LoRA step's alone, comparable with the anchor
+        torch.manual_seed(seed)
         base = load_model("gpt2").to(device)
-        batch = random_batch(base.config.vocab_size, 8, 512, device=device, seed=ctx.rng.randrange(10**6))
+        batch = random_batch(base.config.vocab_size, 8, 512, device=device, seed=seed)
     else:
-        base = _tiny(ctx.rng.randrange(10**6), device).train()
-        batch = random_batch(base.config.vocab_size, 4, 64, device=device, seed=ctx.rng.randrange(10**6))
-    pm = _setup(ns, copy.deepcopy(base) if not real else base, 16, ["c_attn"])
+        base = _tiny(seed, device).train()
+        batch = random_batch(base.config.vocab_size, 4, 64, device=device, seed=seed)
+    pm = _setup(ns, base if real else copy.deepcopy(base), 16, ["c_attn"])
     n_train = trainable_parameters(pm)
     n_tensors = sum(1 for p in pm.parameters() if p.requires_grad)
     opt = adapter_optimizer(pm, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
