@@ -161,7 +161,11 @@ def block_activation_bytes(model: torch.nn.Module, batch: dict, device: torch.de
                                                                                               tracker.current_bytes)
         return hook
 
-    with MemoryTracker(device, model=model, timeline=False) as tracker:
+    # include_existing=False skips the tracker's scan of every Python object (slow in a notebook, and it
+    # would count garbage freed mid-forward); the weights are registered so views of them are not "new"
+    with MemoryTracker(device, model=model, include_existing=False, timeline=False) as tracker:
+        for t in list(model.parameters()) + list(model.buffers()):
+            tracker._register(t)
         h1 = blocks[0].register_forward_pre_hook(mark("start"))
         h2 = blocks[-1].register_forward_hook(mark("end"))
         try:
