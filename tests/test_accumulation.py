@@ -137,3 +137,24 @@ def test_gpu_budget_gpt2_accumulation():
     prof = pick_profile()
     res = run_check(check, ns, CheckContext(prof.device, prof))
     assert res.status == "passed", res.message
+
+
+def _run04(ns, name):
+    from memopt_lib.checks import registry, run_checks
+    return run_checks(registry("04"), ns, only=[name])[0]
+
+
+def test_lab04_checks_reject_the_seed_loop_and_a_graph_keeping_loop():
+    seed = {"accumulate_gradients": lambda m, mbs: accumulate(m, mbs, normalization="per_micro_batch").loss}
+    assert _run04(seed, "gradient_equals_full_batch").status == "failed"
+
+    def keeps_graphs(model, mbs):  # exact gradient, but every micro-batch's graph lives until one backward
+        total = sum(count_target_tokens(mb["labels"]) for mb in mbs)
+        loss = sum(micro_batch_loss(model, mb, total) for mb in mbs)
+        loss.backward()
+        return loss.item()
+
+    ns = {"accumulate_gradients": keeps_graphs}
+    assert _run04(ns, "gradient_equals_full_batch").status == "passed"
+    res = _run04(ns, "peak_is_one_micro_batch")
+    assert res.status == "failed" and "graphs" in res.message

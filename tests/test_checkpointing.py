@@ -147,3 +147,22 @@ def test_gpu_budget_gpt2_checkpointing():
     prof = pick_profile()
     res = run_check(check, {"checkpoint_blocks": checkpoint_blocks}, CheckContext(prof.device, prof))
     assert res.status == "passed", res.message
+
+
+def _run05(ns, name):
+    from memopt_lib.checks import registry, run_checks
+    return run_checks(registry("05"), ns, only=[name])[0]
+
+
+def test_lab05_checks_reject_the_traps():
+    reentrant = {"checkpoint_blocks": lambda m, every=1: checkpoint_blocks(m, every=every, use_reentrant=True)}
+    assert _run05(reentrant, "same_gradients").status == "failed"
+    every_block = {"checkpoint_blocks": lambda m, every=1: checkpoint_blocks(m, every=1)}  # ignores `every`
+    assert _run05(every_block, "saves_activations").status == "failed"
+
+    def flag_only(model):  # the seed's one-liner: the flag is set, the model stays in eval mode
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    res = _run05({"prepare_for_checkpointed_training": flag_only}, "active_after_from_pretrained")
+    assert res.status == "failed" and "eval mode" in res.message

@@ -20,9 +20,9 @@ Where the thresholds come from:
   so gradients agree to ``rtol=1e-5, atol=1e-6`` (measured: bit-identical on CPU).
 * Memory, any device: ratios measured in the same run. Every block checkpointed
   keeps one hidden state per block: <= 0.35 of the blocks' activations without
-  (measured 0.03 for the tiny GPT-2 on CPU, where attention matrices are stored;
-  ~0.1 expected with fused GPU attention). Every other block (the tiny GPT-2 has 2):
-  between 0.35 and 0.8 (measured ~0.52: half the blocks keep everything).
+  (measured 0.03 for the tiny GPT-2 on CPU and on an H200). Every other block (the
+  tiny GPT-2 has 2): between 0.35 and 0.8 (measured 0.51 on CPU, 0.48 on an H200:
+  half the blocks keep everything).
 * GPU only: GPT-2 124M, fp32, batch 8 x 512, one fused-AdamW step, peaks under the H200
   anchor "gpt2 B8 S512 fp32 ckpt adamw(fused)" x 1.15 (3.93 GiB x 1.15; 7.81 GiB without).
 """
