@@ -260,7 +260,13 @@ class MemoryTracker(TorchDispatchMode):
                 self._register(t)
             with warnings.catch_warnings():  # isinstance() on some objects pokes deprecated attributes
                 warnings.simplefilter("ignore")
-                existing = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+                existing = []
+                for o in gc.get_objects():
+                    try:
+                        if isinstance(o, torch.Tensor):
+                            existing.append(o)
+                    except ReferenceError:  # a dead weakref.proxy (e.g. left by bitsandbytes/accelerate)
+                        pass
             for obj in existing:  # like memory_allocated(): whatever is alive already counts
                 try:
                     self._register(obj)
