@@ -32,7 +32,9 @@ allocator does not count.
 """
 from __future__ import annotations
 
+import json
 import math
+from functools import lru_cache
 from typing import Callable, Iterable
 
 import torch
@@ -72,6 +74,24 @@ def quantized_linear_shapes(config) -> list[tuple[str, int, int]]:
     load dtype together with the embeddings and the norms. Read from a meta-device
     model: no weights are allocated.
     """
+    return list(_meta_counts(config.to_json_string())[0])
+
+
+@lru_cache(maxsize=16)
+def _meta_counts(config_json: str) -> tuple[tuple[tuple[str, int, int], ...], int]:
+    """(quantized linear shapes, total parameters) of a config, from one meta-device model (cached)."""
+    from transformers import AutoConfig
+    config = AutoConfig.for_model(**json.loads(config_json))
+    return tuple(_linear_shapes(config)), _n_params(config)
+
+
+def _n_params(config) -> int:
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return count_parameters(AutoModelForCausalLM.from_config(config))
+
+
+def _linear_shapes(config) -> list[tuple[str, int, int]]:
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
     with torch.device("meta"):
@@ -100,10 +120,7 @@ def predict_weight_bytes(config, bits: int = 4, double_quant: bool = True, other
         config = model_config(config)
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        n_total = count_parameters(AutoModelForCausalLM.from_config(config))
-    shapes = quantized_linear_shapes(config)
+    shapes, n_total = _meta_counts(config.to_json_string())
     n_quant = sum(o * i for _, o, i in shapes)
     if bits == 4:
         q = n_quant * bits_per_weight(block_size, double_quant=double_quant) / 8
@@ -183,6 +200,10 @@ def quant_tensors(p: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def _weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [x for t in list(model.parameters()) + list(model.buffers()) for x in [t] + quant_tensors(t)]
+
+
 def weight_footprint_bytes(model: torch.nn.Module) -> int:
     """Bytes of every distinct storage the model's weights occupy, quantization state included.
 
@@ -190,12 +211,11 @@ def weight_footprint_bytes(model: torch.nn.Module) -> int:
     of 4-bit and 8-bit layers too, and each shared (tied) storage once.
     """
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        for x in [t] + quant_tensors(t):
-            st = x.untyped_storage()
-            if st.data_ptr() not in seen:
-                seen.add(st.data_ptr())
-                total += st.nbytes()
+    for x in _weight_tensors(model):
+        st = x.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
     return total
 
 
@@ -216,11 +236,15 @@ def measure_loaded_bytes(load: Callable[[], torch.nn.Module], device=None) -> tu
         model = load()
         torch.cuda.synchronize(device)
         return model, torch.cuda.memory_allocated(device) - before
-    with MemoryTracker(device, timeline=False) as tracker:
+    # include_existing=False: count only storages born during the load that are still alive after it
+    with MemoryTracker(device, include_existing=False, timeline=False) as tracker:
         model = load()
         gc.collect()
-    r = tracker.result()
-    return model, r.end_bytes - r.start_bytes
+        # safetensors can hand over storages created outside ATen's dispatcher, where the tracker does not
+        # see them born: register every weight (and quantization state) of the model explicitly
+        for t in _weight_tensors(model):
+            tracker._register(t)
+    return model, tracker.result().end_bytes
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
