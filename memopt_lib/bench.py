@@ -61,7 +61,7 @@ LADDER = [
 ]
 QLORA = [
     Row("QLoRA nf4+dq + ckpt", quant4="nf4-dq", lora=True, amp=True, ckpt=True),
-    Row("QLoRA nf4+dq, no ckpt", quant4="nf4-dq", lora=True, amp=True),
+    Row("QLoRA nf4+dq no ckpt", quant4="nf4-dq", lora=True, amp=True),
     Row("QLoRA nf4 (no dq) + ckpt", quant4="nf4", lora=True, amp=True, ckpt=True),
     Row("QLoRA nf4+dq + ckpt + paged 8-bit AdamW", quant4="nf4-dq", lora=True, amp=True, ckpt=True,
         opt8bit=True, paged=True),
@@ -104,14 +104,14 @@ def cpu_has_fast_bf16() -> bool:
 
 def _skip_reason(row: Row, args, cfg) -> str | None:
     from .device import hardware_info
-    if (args.device.type == "cpu" and (row.amp or row.pure_bf16 or row.quant4) and not args.cpu_bf16
-            and not cpu_has_fast_bf16()):
-        return ("bf16 matmuls are emulated on this CPU (no AVX512-BF16/AMX): 10-25x slower than fp32; "
-                "pass --cpu-bf16 to run it anyway (small models), or run on a GPU")
     if row.accum > 1 and args.batch < 2:
         return "accumulation needs --batch >= 2 (the batch is split into micro-batches)"
     if row.paged and args.device.type != "cuda":
         return "paged optimizers page between GPU and host memory: CUDA only"
+    if (args.device.type == "cpu" and (row.amp or row.pure_bf16 or row.quant4) and not args.cpu_bf16
+            and not cpu_has_fast_bf16()):
+        return ("bf16 matmuls are emulated on this CPU (no AVX512-BF16/AMX): 10-25x slower than fp32; "
+                "pass --cpu-bf16 to run it anyway (small models), or run on a GPU")
     total = hardware_info(args.device).total_memory_bytes
     need = _predicted_bytes(row, cfg, args.batch, args.seq)
     if total and need > 0.95 * total:
@@ -156,7 +156,7 @@ def _build(row: Row, args):
         import bitsandbytes as bnb
         opt = (bnb.optim.PagedAdamW8bit if row.paged else bnb.optim.AdamW8bit)(params, lr=1e-4)
     else:
-        opt = torch.optim.AdamW(params, lr=1e-4, foreach=dev.type != "meta")
+        opt = torch.optim.AdamW(params, lr=1e-4)
     adt = amp_dtype(dev)
     autocast = (lambda: torch.autocast(dev.type, dtype=adt)) if (row.amp or row.quant4) else contextlib.nullcontext
     scaler = torch.amp.GradScaler(dev.type, enabled=row.amp and adt == torch.float16 and dev.type == "cuda")
@@ -293,7 +293,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the profile's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda -> mps -> cpu)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per row after the measured one (0: no timing)")
-    p.add_argument("--rows", default="", help="comma-separated substrings: run only matching rows (+ the baseline)")
+    p.add_argument("--rows", default="", help="comma-separated row names (case-insensitive): run only these "
+                   "(the fp32 baseline always runs first)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--plot", default=None, help="write a bar chart (PNG) to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -311,6 +312,12 @@ def parse_args(argv=None):
         p.error(f"--device: {err}")
     if args.device is not None and args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA GPU is visible (use --device cpu)")
+    args.only = [s.strip().lower() for s in args.rows.split(",") if s.strip()]
+    known = {r.name.lower() for r in rows_for(args.model or "llama-tiny")}
+    unknown = [s for s in args.only if s not in known]
+    if unknown:
+        p.error(f"--rows: unknown row(s) {unknown} for this model; rows: "
+                + "; ".join(r.name for r in rows_for(args.model or "llama-tiny")))
     prof = pick_profile(args.device)
     args.device = args.device or prof.device
     args.model = args.model or prof.gpt2
@@ -323,9 +330,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = rows_for(args.model)
-    if args.rows:
-        wanted = [s.strip().lower() for s in args.rows.split(",") if s.strip()]
-        rows = [BASELINE] + [r for r in rows[1:] if any(s in r.name.lower() for s in wanted)]
+    if args.only:
+        rows = [BASELINE] + [r for r in rows[1:] if r.name.lower() in args.only]
     print(f"memopt ladder: {args.model} batch {args.batch} x {args.seq} on {args.device}, "
           f"{len(rows)} rows", flush=True)
     results = run_ladder(args, rows)

@@ -26,7 +26,7 @@ def ladder(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     js, png = out / "rows.json", out / "ladder.png"
     proc = _cli("--device", "cpu", "--model", "gpt2-tiny", "--batch", "4", "--seq", "16", "--steps", "1",
-                "--rows", "pure bf16,checkpointing,8-bit adamw,accumulation", "--cpu-bf16", "--json", str(js), "--plot", str(png))
+                "--rows", "pure bf16,checkpointing,8-bit AdamW,accumulation 4x", "--cpu-bf16", "--json", str(js), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(js.read_text()), png
 
@@ -66,7 +66,8 @@ def test_plot_is_a_png(ladder):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("args", [["--batch", "0"], ["--model", "gpt5"], ["--steps", "-1"], ["--seq", "x"]])
+@pytest.mark.parametrize("args", [["--batch", "0"], ["--model", "gpt5"], ["--steps", "-1"], ["--seq", "x"],
+                                  ["--model", "gpt2", "--rows", "QLoRA nf4+dq + ckpt"]])
 def test_bad_arguments_exit_2(args):
     proc = _cli("--device", "cpu", *args, timeout=120)
     assert proc.returncode == 2
@@ -76,7 +77,7 @@ def test_bad_arguments_exit_2(args):
 def test_rows_that_cannot_run_are_reported_not_dropped(tmp_path):
     js = tmp_path / "rows.json"
     assert bench.main(["--device", "cpu", "--model", "llama-tiny", "--batch", "1", "--seq", "8", "--steps", "0",
-                       "--rows", "accumulation,paged", "--json", str(js), "--quiet"]) == 0
+                       "--rows", "accumulation 4x,QLoRA nf4+dq + ckpt + paged 8-bit AdamW", "--json", str(js), "--quiet"]) == 0
     rows = json.loads(js.read_text())
     assert [r["name"] for r in rows] == ["fp32 baseline", "accumulation 4x", "QLoRA nf4+dq + ckpt + paged 8-bit AdamW"]
     assert rows[1]["status"] == "skipped" and "--batch" in rows[1]["reason"]
@@ -97,7 +98,7 @@ def test_qlora_row_runs_on_cpu(tmp_path):
     """bitsandbytes' CPU kernels: a 4-bit base + LoRA + checkpointing trains on CPU (llama-tiny)."""
     js = tmp_path / "q.json"
     assert bench.main(["--device", "cpu", "--model", "llama-tiny", "--batch", "1", "--seq", "16", "--steps", "0",
-                       "--rows", "qlora nf4+dq, no ckpt", "--cpu-bf16", "--json", str(js), "--quiet"]) == 0
+                       "--rows", "qlora nf4+dq no ckpt", "--cpu-bf16", "--json", str(js), "--quiet"]) == 0
     rows = json.loads(js.read_text())
     q = rows[1]
     assert q["status"] == "ok", q["reason"]
