@@ -85,6 +85,13 @@ def _storage_key(t: torch.Tensor):
     return st._cdata, st
 
 
+def _is_tensor(obj: Any) -> bool:
+    try:
+        return isinstance(obj, torch.Tensor)
+    except ReferenceError:  # a weakref.proxy whose referent is gone (IPython keeps some)
+        return False
+
+
 def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
     flat, _ = tree_flatten(obj)
     for x in flat:
@@ -260,7 +267,7 @@ class MemoryTracker(TorchDispatchMode):
                 self._register(t)
             with warnings.catch_warnings():  # isinstance() on some objects pokes deprecated attributes
                 warnings.simplefilter("ignore")
-                existing = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+                existing = [o for o in gc.get_objects() if _is_tensor(o)]
             for obj in existing:  # like memory_allocated(): whatever is alive already counts
                 try:
                     self._register(obj)
