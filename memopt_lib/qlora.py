@@ -12,8 +12,9 @@ The recipe (Dettmers et al., 2023), piece by piece -- what it saves, what it cos
 * **Gradient checkpointing, non-reentrant**: each decoder layer keeps only its input for backward and
   recomputes the rest -- about one extra forward. Hugging Face checkpoints only in *train* mode, and
   ``from_pretrained`` returns *eval* mode: forget ``model.train()`` and checkpointing is silently off.
-  The reentrant variant needs an input that requires grad (``enable_input_require_grads``), else the
-  LoRA weights get no gradient at all; the non-reentrant one does not.
+  The reentrant variant needs an input that requires grad (``enable_input_require_grads``, which
+  transformers' ``gradient_checkpointing_enable`` installs itself), else nothing inside the checkpointed
+  layers is connected to the loss and backward fails; the non-reentrant one does not need it.
 * **Paged 8-bit AdamW** (bitsandbytes): two 8-bit states, 2 bytes/param instead of 8, in CUDA unified
   memory that the driver pages to host RAM under pressure instead of raising OOM. Paged buffers come from
   ``cudaMallocManaged``, outside PyTorch's allocator: ``max_memory_allocated`` does not count them, so
@@ -23,7 +24,7 @@ The recipe (Dettmers et al., 2023), piece by piece -- what it saves, what it cos
 
 And one piece to leave out. peft's ``prepare_model_for_kbit_training`` (peft 0.21) freezes the base, casts
 *every* fp16/bf16 parameter that is not 4-bit -- embeddings, lm_head, norms -- to fp32, enables input grads
-(only for reentrant checkpointing) and turns checkpointing on. The upcast costs 2 bytes x 262 M parameters =
+(itself only for reentrant checkpointing) and turns checkpointing on. The upcast costs 2 bytes x 262 M parameters =
 +0.49 GiB at 7B (the H200 anchors measure it), and fp32 norm weights make the residual stream fp32, which
 doubles the bytes checkpointing keeps. Llama's RMSNorm already computes in fp32 inside; frozen bf16
 embeddings are fine. :func:`prepare_lean` does only what training needs.
