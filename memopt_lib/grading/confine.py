@@ -49,14 +49,27 @@ def _hide(path: str) -> None:
 def _fresh_tmpfs(path: str, size_mb: int, keep: list[str]) -> None:
     if not os.path.isdir(path):
         return
-    keep_here = [k for k in keep if k == path or k.startswith(path.rstrip("/") + "/")]
-    fds = [(k, os.open(k, os.O_PATH | os.O_DIRECTORY)) for k in keep_here if os.path.isdir(k)]
+    keep_here = [k for k in _open_dirs(keep) if k.startswith(path.rstrip("/") + "/")]
+    fds = [(k, os.open(k, os.O_PATH | os.O_DIRECTORY)) for k in keep_here]
     _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mb}m,mode=1777")
     for k, fd in fds:  # the grader's read-only inputs under /tmp (e.g. MEMOPT_CACHE)
         os.makedirs(k, exist_ok=True)
         _mount(f"/proc/self/fd/{fd}", k, None, MS_BIND)
         _mount("none", k, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(fd)
+
+
+def _open_dirs(paths: list[str]) -> list[str]:
+    """Real paths of the folders others may list and enter (a closed one, e.g. a 700 cwd, is left out),
+    shallow first, so that a deeper bind mount lands on top of a shallower one."""
+    out = set()
+    for p in paths:
+        try:
+            if os.path.isdir(p) and os.stat(p).st_mode & 0o005 == 0o005:
+                out.add(os.path.realpath(p))
+        except OSError:
+            pass
+    return sorted(out, key=lambda q: (q.count("/"), q))
 
 
 def _closed_ancestor(path: str) -> str | None:
@@ -79,10 +92,8 @@ def expose(paths: list[str]) -> None:
     covering the closed folder with an empty tmpfs and bind-mounting the path back, read-only,
     at the same place: the sandbox sees the interpreter and nothing else of that folder.
     """
-    real = sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)})
-    top = [p for p in real if not any(p.startswith(q.rstrip("/") + "/") for q in real if q != p)]
     veils: dict[str, list[str]] = {}
-    for p in top:
+    for p in _open_dirs(paths):
         anc = _closed_ancestor(p)
         if anc is not None:
             veils.setdefault(anc, []).append(p)
@@ -99,10 +110,10 @@ def expose(paths: list[str]) -> None:
 def apply_mounts(hide: list[str], keep: list[str], tmpfs_mb: int, visible: list[str] = ()) -> None:
     _mount("none", "/", None, MS_REC | MS_PRIVATE)  # our mounts never propagate to the host
     expose(list(visible))
-    for path in hide:
+    for path in ("/tmp", "/var/tmp", "/dev/shm"):  # code the child imports may live under /tmp: bind it back
+        _fresh_tmpfs(path, tmpfs_mb, list(keep) + list(visible))
+    for path in hide:  # last, so that nothing bound back above can uncover a secret
         _hide(path)
-    for path in ("/tmp", "/var/tmp", "/dev/shm"):
-        _fresh_tmpfs(path, tmpfs_mb, keep)
 
 
 def apply_rlimits(limits: dict) -> None:

@@ -70,6 +70,7 @@ class Guard:
         self.classes = list(classes)
         self._mod_snap = {m.__name__: (m, self._snap(vars(m))) for m in self.modules}
         self._cls_snap = [(c, self._snap(dict(vars(c)))) for c in self.classes]
+        self._cls_keys = [(c, set(vars(c))) for c in self.classes]  # a new key can shadow an inherited method
         self._protected_ids = {id(c) for c in self.classes} | {id(m) for m in self.modules}
         for _, snap in self._mod_snap.values():
             self._protected_ids |= {id(v) for v, _ in snap.values() if isinstance(v, types.FunctionType)}
@@ -145,6 +146,8 @@ class Guard:
             problems += self._diff(name, vars(module), snap)
         for cls, snap in self._cls_snap:
             problems += self._diff(cls.__qualname__, dict(vars(cls)), snap)
+        for cls, keys in self._cls_keys:
+            problems += [f"{cls.__qualname__}.{k} was added" for k in sorted(set(vars(cls)) - keys, key=str)]
         now = self._global_hooks()
         problems += [f"{k} changed" for k in self._hooks if now[k] != self._hooks[k]]
         if builtins.__dict__.get("__import__") is not self._mod_snap["builtins"][1]["__import__"][0]:
