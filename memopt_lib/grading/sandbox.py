@@ -123,15 +123,25 @@ def _drain(fd: int, sink: deque | list, limit: int, lines: bool) -> None:
         sink.extend(buf.split(b"\n"))
 
 
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every process owned by ``uid`` (the sandbox user of one slot)."""
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if os.stat(f"/proc/{pid}").st_uid == uid:
-                    os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
+def _kill_uid(uid: int, patience_s: float = 10.0) -> None:
+    """SIGKILL every process owned by ``uid`` (one slot's sandbox user) until none is left.
+
+    A PID namespace is torn down asynchronously after its first process dies (a fork bomb
+    takes a moment), and the slot's next submission must not inherit its processes."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        alive = 0
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    if os.stat(f"/proc/{pid}").st_uid == uid:
+                        alive += 1
+                        os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+        if not alive or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def child_config(slot: int, limits: Limits, hide: list[str], keep: list[str], workdir: str | None) -> dict:

@@ -243,7 +243,7 @@ for _ in range(200):
     "d12_memory_hog": (attack(sumsq="""
     hog = []
     while True:
-        hog.append(torch.ones(2**28, dtype=torch.uint8))"""), "graded", {"sum_of_squares_values": "oom"}),
+        hog.append(torch.empty(2**28, dtype=torch.uint8))"""), "graded", {"sum_of_squares_values": "oom"}),
     "d13_no_notebook": ("empty", "ungradable"),
     "d14_two_notebooks": ("two", "ungradable"),
     "d15_no_cell_ids": ("noids", "ungradable"),
@@ -262,3 +262,5 @@ for target in (-1, 0, os.getppid()):
 }
 
 ALL = {**A, **B, **C, **D}
+# attacks that can only end at the wall-clock limit: graded in a second batch with a short --timeout
+SHORT_TIMEOUT = {"c06_fork_bomb", "d01_infinite_loop_top", "d03_sleep_forever"}
