@@ -122,7 +122,10 @@ def local_checkpoint(name: str, dtype: torch.dtype | None = None) -> Path:
     from transformers import AutoModelForCausalLM
     notice(f"building a random-init {sp.about} checkpoint at {path} (first use only)")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(sp.make_config(), dtype=dtype)
+    # random init of 7B numbers takes minutes on a CPU and seconds on a GPU; the values do not matter
+    build_on = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    with build_on:
+        model = AutoModelForCausalLM.from_config(sp.make_config(), dtype=dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{name}-"))
     model.save_pretrained(tmp, safe_serialization=True)

@@ -78,7 +78,7 @@ def measure(fn: Callable[[], object], *, device: torch.device | str = "cpu", mod
         label=label, device=str(device), peak_allocated_bytes=peak, tracker_peak_bytes=tr.peak_bytes,
         start_allocated_bytes=start, end_allocated_bytes=end, peak_phase=tr.peak_phase,
         breakdown_bytes=combine_breakdown(tr.peak_breakdown_bytes, peak, tr.peak_bytes),
-        phase_peak_bytes=tr.phase_peak_bytes, step_time_s=step_time,
+        phase_peak_bytes=tr.phase_peak_bytes, step_time_s=step_time, end_breakdown_bytes=tr.end_breakdown_bytes,
         snapshot_path=str(snapshot_path) if snapshot_path and device.type == "cuda" else None,
         timeline=tr.timeline, **cuda_fields(cuda_end))
 

@@ -50,6 +50,7 @@ class MemoryReport:
     cuda_context_bytes: int | None = None
     cuda: dict | None = None
     snapshot_path: str | None = None
+    end_breakdown_bytes: dict[str, int] = field(default_factory=dict)  # state alive after the step
     timeline: list[TimelinePoint] = field(default_factory=list, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -76,6 +76,7 @@ class TrackerResult:
     peak_bytes: int
     peak_phase: str
     peak_breakdown_bytes: dict[str, int]
+    end_breakdown_bytes: dict[str, int]  # what is still alive after the region: the state kept between steps
     phase_peak_bytes: dict[str, int]
     timeline: list[TimelinePoint] = field(repr=False, default_factory=list)
 
@@ -147,6 +148,7 @@ class MemoryTracker(TorchDispatchMode):
         self._saved_hooks = None
         self._active = False
         self._weight_serials: set[int] = set()
+        self._end_sizes: dict[int, int] = {}
 
     # ------------------------------------------------------------------ registry
     def _matches(self, st: torch.UntypedStorage) -> bool:
@@ -256,11 +258,14 @@ class MemoryTracker(TorchDispatchMode):
     def __enter__(self):
         self._active = True
         if self.include_existing:
+            # collect garbage first: a tensor that is unreachable but not yet collected would count as
+            # live now and "free" itself mid-region when gc runs, hiding real allocations under the start
+            gc.collect()
             for t in self._weights() + self._grads() + self._opt_state():
                 self._register(t)
-            with warnings.catch_warnings():  # isinstance() on some objects pokes deprecated attributes
+            with warnings.catch_warnings():  # some objects warn when inspected
                 warnings.simplefilter("ignore")
-                existing = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+                existing = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]  # type(): proxies raise
             for obj in existing:  # like memory_allocated(): whatever is alive already counts
                 try:
                     self._register(obj)
@@ -292,6 +297,7 @@ class MemoryTracker(TorchDispatchMode):
             self._weight_serials = self._serials_of(self._weights())
             self._grad_serials |= self._serials_of(self._grads())
             self._opt_serials |= self._serials_of(self._opt_state())
+            self._end_sizes = {e.serial: e.nbytes for e in self._live.values()}
             self._active = False
 
     def _pack(self, x: torch.Tensor):
@@ -327,4 +333,5 @@ class MemoryTracker(TorchDispatchMode):
             device=str(self.device), start_bytes=self.start_bytes, end_bytes=self.current_bytes,
             peak_bytes=self.peak_bytes, peak_phase=self._peak_phase,
             peak_breakdown_bytes=self.breakdown(self._peak_sizes),
+            end_breakdown_bytes=self.breakdown(self._end_sizes),
             phase_peak_bytes=dict(self._phase_peak), timeline=list(self._timeline))
