@@ -133,6 +133,8 @@ def batch(tmp_path_factory):
                 bodies[cid] = body
             fx.write_submission(where, sid, fx.student_notebook(bodies))
     os.environ["MEMOPT_REDTEAM_SECRET"] = "hunter2"
+    old_cache = os.environ.get("MEMOPT_CACHE")
+    os.environ["MEMOPT_CACHE"] = str(root / "no-cache")  # the fixture lab loads no model: nothing to copy
     common = ["--lab", "90", "--solutions", str(sol_dir), "--checks-module", "memopt_fixture_lab90",
               "--workers", "2", "--memory-mb", "3000", "--quiet"]
     try:
@@ -141,6 +143,10 @@ def batch(tmp_path_factory):
                                  "--timeout", str(SHORT_TIMEOUT_S)])
     finally:
         os.environ.pop("MEMOPT_REDTEAM_SECRET", None)
+        if old_cache is None:
+            os.environ.pop("MEMOPT_CACHE", None)
+        else:
+            os.environ["MEMOPT_CACHE"] = old_cache
         stop.set()
     rows = {}
     for folder in (out, out_short):

@@ -179,7 +179,7 @@ def _reverify(lab: Lab, r: CheckOutcome, seed: int) -> CheckOutcome:
 
 
 def grade_one(lab: Lab, student_dir: Path, *, slot: int, limits: Limits, hide: list[str], keep: list[str],
-              threads: int = 1) -> Grade:
+              threads: int = 1, cache: str | None = None) -> Grade:
     sid = student_dir.name
     base = dict(student_id=sid, lab=lab.lab, max_score=lab.registry.max_score)
     try:
@@ -190,7 +190,7 @@ def grade_one(lab: Lab, student_dir: Path, *, slot: int, limits: Limits, hide: l
     seed = secrets.randbelow(2**31)
     job = {"token": secrets.token_hex(32), "checks_module": lab.checks_module, "seed": seed,
            "checks": [c.name for c in lab.registry.checks], "cells": built.cells}
-    outcome = run_child(job, slot=slot, limits=limits, hide=hide, keep=keep, threads=threads)
+    outcome = run_child(job, slot=slot, limits=limits, hide=hide, keep=keep, threads=threads, cache=cache)
     checks, status, reason = interpret(lab, outcome, seed, limits.timeout_s)
     peaks = [c.measurements.get("peak_allocated_bytes") for c in checks]
     peaks = [int(p) for p in peaks if isinstance(p, (int, float)) and not isinstance(p, bool)]
@@ -222,7 +222,12 @@ def grade_batch(lab: Lab, submissions: Path, out: Path, *, workers: int = 1, lim
     limits = limits or Limits()
     dirs, _ = student_dirs(submissions)
     hide = sorted(set(lab.secret_paths + [str(Path(submissions).resolve()), str(Path(out).resolve())]))
-    keep = [os.environ["MEMOPT_CACHE"]] if os.environ.get("MEMOPT_CACHE") else []
+    import shutil
+
+    from ..models import cache_dir
+    from .sandbox import readable_cache
+    cache = readable_cache(str(cache_dir()))
+    keep = [cache] if cache else []
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     slots: Queue = Queue()
     for i in range(workers):
@@ -231,7 +236,7 @@ def grade_batch(lab: Lab, submissions: Path, out: Path, *, workers: int = 1, lim
     def task(d: Path) -> Grade:
         slot = slots.get()
         try:
-            return grade_one(lab, d, slot=slot, limits=limits, hide=hide, keep=keep, threads=threads)
+            return grade_one(lab, d, slot=slot, limits=limits, hide=hide, keep=keep, threads=threads, cache=cache)
         except Exception as err:  # noqa: BLE001 - a grader bug on one submission must not stop the batch
             return Grade(student_id=d.name, lab=lab.lab, status="ungradable", score=0.0,
                          max_score=lab.registry.max_score,
@@ -241,12 +246,16 @@ def grade_batch(lab: Lab, submissions: Path, out: Path, *, workers: int = 1, lim
             slots.put(slot)
 
     grades = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(task, d) for d in dirs]
-        for fut in tqdm(as_completed(futures), total=len(futures), desc=f"lab {lab.lab}", unit="submission",
-                        disable=not progress):
-            g = fut.result()
-            grades.append(g)
-            if on_grade:
-                on_grade(g)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(task, d) for d in dirs]
+            for fut in tqdm(as_completed(futures), total=len(futures), desc=f"lab {lab.lab}", unit="submission",
+                            disable=not progress):
+                g = fut.result()
+                grades.append(g)
+                if on_grade:
+                    on_grade(g)
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
     return sorted(grades, key=lambda g: g.student_id)

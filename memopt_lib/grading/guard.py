@@ -10,7 +10,7 @@ student code, and :class:`Guard` photographs what the grade depends on:
 * the ``sys.modules`` entries of those modules;
 * global hooks: the Python dispatch-mode and torch-function-mode stacks, ``sys.settrace``
   / ``setprofile`` (and threading's), ``gc.callbacks``, torch's global optimizer hooks,
-  signal handlers and interval timers, the number of live threads.
+  signal handlers and interval timers.
 
 :meth:`Guard.verify` compares against the photograph before and after each check.
 An audit hook (``sys.addaudithook``: it cannot be removed from Python) adds what a
@@ -36,14 +36,14 @@ import threading
 import types
 
 ALWAYS_FLAGGED = ("os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-                  "subprocess.Popen", "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
-                  "ctypes.call_function", "ctypes.addressof", "ctypes.string_at", "ctypes.wstring_at",
-                  "sys.settrace", "sys.setprofile", "sys.addaudithook", "code.__new__",
-                  "os.kill", "os.killpg", "signal.pthread_kill")
+                  "subprocess.Popen", "pty.spawn", "sys.settrace", "sys.setprofile", "sys.addaudithook",
+                  "code.__new__", "os.kill", "os.killpg", "signal.pthread_kill")
 # introspection: flagged when the student's cell called it, directly or through one helper
 # (``inspect.currentframe()``); compile/exec only when called directly, because library
 # helpers a student may use honestly (namedtuple, dataclass) exec code of their own
-NEAR_STUDENT = ("sys._getframe", "sys._current_frames", "gc.get_objects", "gc.get_referrers", "gc.get_referents")
+# (libraries load native code with ctypes during checks -- transformers does -- so ctypes counts only here)
+NEAR_STUDENT = ("sys._getframe", "sys._current_frames", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+                "ctypes.")
 DIRECT_FROM_STUDENT = ("compile", "exec", "function.__new__")
 STUDENT_PREFIX = "<cell "
 # torch rebinds these itself, lazily (importing torch._dynamo wraps torch.manual_seed in
@@ -104,7 +104,6 @@ class Guard:
             "gc.callbacks": [id(c) for c in gc.callbacks],
             "optimizer hooks": [tuple(getattr(optim_mod, n, {}).keys()) for n in
                                 ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")],
-            "threads": threading.active_count(),
             "interval timer": signal.getitimer(signal.ITIMER_REAL),
         }
         for sig in (signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGUSR1, signal.SIGUSR2,
@@ -133,7 +132,8 @@ class Guard:
             if args and id(args[0]) in self._protected_ids:
                 self.events.append(f"{event} on {getattr(args[0], '__qualname__', type(args[0]).__name__)}"
                                    f".{args[1] if len(args) > 1 else '?'}")
-        elif (event in NEAR_STUDENT and _student_nearby(2)) or (event in DIRECT_FROM_STUDENT and _student_nearby(1)):
+        elif (event.startswith(NEAR_STUDENT) and _student_nearby(2)) or \
+                (event in DIRECT_FROM_STUDENT and _student_nearby(1)):
             self.events.append(f"{event} called from the submission")
 
     # ------------------------------------------------------------------ verify
@@ -146,8 +146,10 @@ class Guard:
             problems += self._diff(name, vars(module), snap)
         for cls, snap in self._cls_snap:
             problems += self._diff(cls.__qualname__, dict(vars(cls)), snap)
-        for cls, keys in self._cls_keys:
-            problems += [f"{cls.__qualname__}.{k} was added" for k in sorted(set(vars(cls)) - keys, key=str)]
+        for cls, keys in self._cls_keys:  # new names are fine (transformers adds Module.smart_apply) unless they
+            for k in sorted(set(vars(cls)) - keys, key=str):  # shadow an inherited one (Storage.nbytes)
+                if any(k in vars(base) for base in cls.__mro__[1:]):
+                    problems.append(f"{cls.__qualname__}.{k} was added, hiding {cls.__mro__[1].__qualname__}.{k}")
         now = self._global_hooks()
         problems += [f"{k} changed" for k in self._hooks if now[k] != self._hooks[k]]
         if builtins.__dict__.get("__import__") is not self._mod_snap["builtins"][1]["__import__"][0]:

@@ -154,18 +154,54 @@ def child_config(slot: int, limits: Limits, hide: list[str], keep: list[str], wo
     return cfg
 
 
-def child_env(threads: int, home: str) -> dict:
+def readable_cache(src: str | None) -> str | None:
+    """A copy of the model cache that the sandbox user may read, or None when there is none.
+
+    Checkpoints are often private to their builder (``model.safetensors`` 0600 in a 0700
+    folder). The copy is grader-owned, world-readable, mounted read-only into the sandbox:
+    world-readable files are hard links (free), the others are copied. The sandbox cannot
+    build a missing checkpoint, so warm the cache first (run the solution notebook once).
+    """
+    if not src or not os.path.isdir(src):
+        return None
+    dst = tempfile.mkdtemp(prefix="memopt-grade-cache-")
+    os.chmod(dst, 0o755)
+    for folder, dirs, files in os.walk(src):
+        rel = os.path.relpath(folder, src)
+        target = os.path.join(dst, rel) if rel != "." else dst
+        os.makedirs(target, mode=0o755, exist_ok=True)
+        os.chmod(target, 0o755)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # half-built checkpoints
+        for name in files:
+            a, b = os.path.join(folder, name), os.path.join(target, name)
+            st = os.lstat(a)
+            if not os.path.isfile(a) or os.path.islink(a):
+                continue
+            try:
+                if st.st_mode & 0o004:
+                    os.link(a, b)
+                    continue
+            except OSError:
+                pass
+            shutil.copyfile(a, b)
+            os.chmod(b, 0o644)
+    return dst
+
+
+def child_env(threads: int, home: str, cache: str | None = None) -> dict:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
            "MPLBACKEND": "Agg", "MPLCONFIGDIR": home, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
-    for key in ("MEMOPT_CACHE", "MEMOPT_PROFILE", "CUDA_VISIBLE_DEVICES", "HF_HOME"):
+    for key in ("MEMOPT_PROFILE", "CUDA_VISIBLE_DEVICES"):
         if key in os.environ:
             env[key] = os.environ[key]
+    if cache:
+        env["MEMOPT_CACHE"] = cache
     return env
 
 
 def run_child(job: dict, *, slot: int, limits: Limits, hide: list[str], keep: list[str],
-              threads: int = 1) -> Outcome:
+              threads: int = 1, cache: str | None = None) -> Outcome:
     """Run one job (see :mod:`.runner`) in a fresh sandboxed child and wait for it, bounded."""
     iso = isolation()
     token = job["token"]
@@ -180,7 +216,7 @@ def run_child(job: dict, *, slot: int, limits: Limits, hide: list[str], keep: li
     cmd = (UNSHARE + ["--"] if iso.namespaces else []) + [sys.executable, "-I", str(RUNNER)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=ow_fd, stderr=ow_fd, pass_fds=(w_fd,),
-                            env=child_env(threads, home), cwd="/", start_new_session=True, close_fds=True)
+                            env=child_env(threads, home, cache), cwd="/", start_new_session=True, close_fds=True)
     os.close(w_fd)
     os.close(ow_fd)
     result_lines: list[bytes] = []
