@@ -6,6 +6,8 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch>=2.11
 STAMP  := $(VENV)/.memopt-installed
 PORT   ?= 8888
+# Jupyter refuses to run as root unless told (containers, Colab-like VMs)
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: setup lab test labs help
 
@@ -26,7 +28,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=labs --port=$(PORT) $(JUPYTER_ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=labs --port=$(PORT) $(ROOT_FLAG) $(JUPYTER_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
