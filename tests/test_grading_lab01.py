@@ -53,7 +53,8 @@ def test_lab01_end_to_end(tmp_path):
                            "train-step": "    loss = model(**batch).loss\n    loss.backward()\n"
                                          "    optimizer.step()\n    return loss"}),
         "untouched": make_lab(nbformat.read(str(SOLUTION), as_version=4), SOLUTION.name),
-        "tamper": _student({}, top="import memopt_lib.profiler.measure as _m\n_m.measure = lambda fn, **kw: None"),
+        "tamper": _student({}, top="import sys, memopt_lib.profiler as _p\n_p.measure = lambda fn, **kw: None\n"
+                                   "sys.modules['memopt_lib.checks.lab01_memory_anatomy'].measure = _p.measure"),
     }
     for sid, nb in nbs.items():
         (subs / sid).mkdir(parents=True)
