@@ -120,8 +120,9 @@ def apply_rlimits(limits: dict) -> None:
     mb = 1024 * 1024
     pairs = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, int(limits["cpu_s"])),
              (resource.RLIMIT_DATA, int(limits["memory_mb"]) * mb),
-             (resource.RLIMIT_FSIZE, int(limits["fsize_mb"]) * mb),
-             (resource.RLIMIT_NPROC, int(limits["nproc"]))]
+             (resource.RLIMIT_FSIZE, int(limits["fsize_mb"]) * mb)]
+    if limits.get("nproc"):  # counts every process of the uid: only meaningful for a uid of our own
+        pairs.append((resource.RLIMIT_NPROC, int(limits["nproc"])))
     for which, value in pairs:
         hard = value + 5 if which == resource.RLIMIT_CPU else value  # SIGXCPU first, SIGKILL 5 s later
         resource.setrlimit(which, (value, hard))

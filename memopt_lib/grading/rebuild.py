@@ -31,7 +31,7 @@ NOT_DONE = "raise NotImplementedError()"
 SUSPICIOUS = re.compile(r"\b(ctypes|_getframe|f_back|f_locals|f_globals|gc\.get_(objects|referrers|referents)|"
                         r"__code__|settrace|setprofile|addaudithook|max_memory_allocated|reset_peak_memory_stats|"
                         r"MemoryTracker|memopt_lib\.(profiler|grading|checks)|os\.fork|subprocess|pickle|"
-                        r"torch\.load|os\._exit|sys\.exit|sys\.modules|builtins|importlib|exec|eval)\b")
+                        r"torch\.load|os\._exit|sys\.exit|sys\.modules|builtins|importlib|exec|compile|threading|socket)\b")
 
 
 class Ungradable(ValueError):

@@ -151,6 +151,8 @@ def child_config(slot: int, limits: Limits, hide: list[str], keep: list[str], wo
            "workdir": None if iso.namespaces else workdir}
     if iso.root:
         cfg["uid"] = cfg["gid"] = UID_BASE + slot
+    else:  # the grader's own uid: RLIMIT_NPROC would count the user's other processes too
+        cfg["limits"]["nproc"] = None
     return cfg
 
 
