@@ -1,0 +1,103 @@
+"""Build a Gradescope autograder zip that runs ``memopt-grade`` on Gradescope's machines.
+
+Gradescope unzips the package into ``/autograder/source``, runs ``setup.sh`` once when it
+builds the image, and ``run_autograder`` per submission (as root); the student's files
+are in ``/autograder/submission`` and the grade goes to ``/autograder/results/results.json``.
+The zip holds:
+
+* ``memopt/`` -- this package's source (``pyproject.toml`` + ``memopt_lib``), no solutions;
+* ``solutions/NN_*.ipynb`` -- the instructor's notebook of this one lab (made unreadable to
+  the sandbox by ``setup.sh`` and hidden again by the mount namespace at grading time);
+* ``extra/`` and ``reference/`` -- a check module / reference verifier that live outside
+  ``memopt_lib`` (only when ``--checks-module`` points elsewhere);
+* ``setup.sh`` and ``run_autograder``. ``AUTOGRADER_ROOT`` and ``MEMOPT_PYTHON`` override
+  ``/autograder`` and the interpreter, which is how the test suite runs the package locally.
+"""
+from __future__ import annotations
+
+import importlib
+import shlex
+import zipfile
+from pathlib import Path
+
+from .grade import REPO_ROOT, Lab
+
+SETUP_SH = """#!/usr/bin/env bash
+# Runs once when Gradescope builds the autograder image (Ubuntu, as root).
+set -euo pipefail
+apt-get update -qq && apt-get install -y -qq python3 python3-venv python3-pip util-linux >/dev/null
+python3 -m venv /autograder/venv
+/autograder/venv/bin/pip install --quiet --upgrade pip
+# CPU wheel of torch: Gradescope machines have no GPU.
+/autograder/venv/bin/pip install --quiet "torch>=2.11" --index-url https://download.pytorch.org/whl/cpu
+/autograder/venv/bin/pip install --quiet /autograder/source/memopt
+# the instructor's notebook and reference code: root only (the sandbox runs as another uid)
+chmod -R go-rwx /autograder/source/solutions /autograder/source/reference
+chmod 755 /autograder/source /autograder/source/extra
+"""
+
+RUN_AUTOGRADER = """#!/usr/bin/env bash
+# Grades /autograder/submission/*.ipynb with memopt-grade; writes /autograder/results/results.json.
+set -uo pipefail
+ROOT="${{AUTOGRADER_ROOT:-/autograder}}"
+PY="${{MEMOPT_PYTHON:-$ROOT/venv/bin/python}}"
+SRC="$ROOT/source"
+work="$(mktemp -d)"
+mkdir -p "$work/submissions/student" "$ROOT/results"
+# regular files only (a symlink would point the grader at a file of its own choosing)
+find "$ROOT/submission" -maxdepth 1 -type f -name '*.ipynb' -exec cp -- {{}} "$work/submissions/student/" \\;
+export PYTHONPATH="$SRC/extra:$SRC/reference${{PYTHONPATH:+:$PYTHONPATH}}"
+"$PY" -m memopt_lib.grading.cli --lab {lab} --solutions "$SRC/solutions" {checks_arg} \\
+    --submissions "$work/submissions" --out "$work/out" --workers 1 --timeout {timeout} \\
+    --memory-mb {memory_mb} --quiet
+if [ -s "$work/out/results/student.json" ]; then
+  cp "$work/out/results/student.json" "$ROOT/results/results.json"
+else
+  echo '{{"score": 0, "output": "The autograder could not grade this submission; please contact the course staff."}}' \\
+    > "$ROOT/results/results.json"
+fi
+rm -rf "$work"
+"""
+
+
+def _module_file(name: str) -> tuple[str, Path]:
+    """``(arcname, file)`` of a dotted module. Its packages become namespace packages in the zip (no
+    ``__init__.py``), so ``extra/`` and ``reference/`` can both hold parts of the same package."""
+    module = importlib.import_module(name)
+    path = Path(module.__file__)
+    return "/".join(name.split(".")[:-1] + [path.name]), path
+
+
+def build_autograder(lab: str, out: Path, *, solutions: Path | None = None, checks_module: str | None = None,
+                     timeout_s: float = 600.0, memory_mb: int = 6144) -> Path:
+    spec = Lab.load(lab, solutions, checks_module)
+    external = not spec.checks_module.startswith("memopt_lib.")
+    checks_arg = f"--checks-module {shlex.quote(spec.checks_module)}" if checks_module else ""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        def add_text(arc: str, text: str, mode: int = 0o644) -> None:
+            info = zipfile.ZipInfo(arc)
+            info.external_attr = (0o100000 | mode) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, text)
+
+        add_text("setup.sh", SETUP_SH, 0o755)
+        add_text("run_autograder", RUN_AUTOGRADER.format(lab=spec.lab, checks_arg=checks_arg, timeout=timeout_s,
+                                                          memory_mb=memory_mb), 0o755)
+        z.write(REPO_ROOT / "pyproject.toml", "memopt/pyproject.toml")
+        readme = REPO_ROOT / "README.md"
+        add_text("memopt/README.md", readme.read_text(encoding="utf-8") if readme.exists() else "memopt\n")
+        for f in sorted((REPO_ROOT / "memopt_lib").rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc":
+                z.write(f, "memopt/" + f.relative_to(REPO_ROOT).as_posix())
+        z.write(spec.solution, f"solutions/{spec.solution.name}")
+        add_text("extra/README", "check modules that live outside memopt_lib\n")
+        add_text("reference/README", "reference verifiers (grader process only)\n")
+        if external:
+            arc, f = _module_file(spec.checks_module)
+            z.write(f, f"extra/{arc}")
+        if spec.reference is not None:
+            arc, f = _module_file(spec.reference.__name__)
+            z.write(f, f"reference/{arc}")
+    return out

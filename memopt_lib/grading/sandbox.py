@@ -1,0 +1,285 @@
+"""Parent side of the sandbox: start one grading child per submission, bounded, and collect its messages.
+
+Per submission the grader starts ``python -I runner.py`` (see :mod:`.runner`):
+
+* as root and where the kernel allows it, inside ``unshare --fork --pid --mount-proc --net --mount``:
+  a private PID namespace (when the child's first process exits or is killed, the kernel
+  kills every process the submission started, even one that called ``setsid``), an empty
+  network namespace (no network, only a down loopback), and a private mount namespace
+  in which :mod:`.confine` hides the solutions and gives the child its own ``/tmp``;
+* in its own session and process group, killed as a group at the wall-clock timeout;
+* with rlimits on CPU time, heap, processes and file size, as an unprivileged uid of its
+  own (one per worker slot, so ``RLIMIT_NPROC`` counts only this submission);
+* with a clean environment (no grader secrets), stdin replaced after the job is read,
+  stdout/stderr kept only as a bounded tail, and a separate pipe for JSON results.
+
+Without root none of the uid / namespace measures is possible: :func:`isolation` says
+so and the CLI prints the warnings. The child's peak resident memory is read by the
+parent from ``wait4`` -- a number the submission cannot forge.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUNNER = Path(__file__).with_name("runner.py")
+UID_BASE = int(os.environ.get("MEMOPT_GRADE_UID_BASE", "64000"))
+MAX_RESULT_BYTES = 2 * 1024 * 1024
+TAIL_BYTES = 16 * 1024
+UNSHARE = ["unshare", "--fork", "--pid", "--mount-proc", "--net", "--mount", "--kill-child"]
+
+
+@dataclass
+class Limits:
+    timeout_s: float = 300.0
+    memory_mb: int = 6144
+    cpu_s: int | None = None  # default: timeout x cores + 10
+    nproc: int = 64
+    fsize_mb: int = 64
+    tmpfs_mb: int = 256
+
+    def for_child(self) -> dict:
+        cpu = self.cpu_s or int(self.timeout_s * (os.cpu_count() or 1) + 10)
+        return {"cpu_s": cpu, "memory_mb": self.memory_mb, "nproc": self.nproc, "fsize_mb": self.fsize_mb,
+                "tmpfs_mb": self.tmpfs_mb}
+
+
+@dataclass
+class Isolation:
+    root: bool
+    namespaces: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=1)
+def isolation() -> Isolation:
+    """What this machine lets the grader do, with a warning for each protection that is missing."""
+    root = os.geteuid() == 0
+    warnings = []
+    namespaces = False
+    if root and shutil.which("unshare"):
+        try:
+            namespaces = subprocess.run(UNSHARE + ["true"], capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            namespaces = False
+    if not root:
+        warnings.append("not running as root: submissions run as YOUR user, can read everything you can "
+                        "(make solutions/ unreadable), reach the network, and RLIMIT_NPROC is per-user. "
+                        "Run memopt-grade as root in a container (it drops privileges per submission).")
+    elif not namespaces:
+        warnings.append("`unshare --net --pid --mount` is not available (no CAP_SYS_ADMIN?): the network is "
+                        "NOT cut off and solutions are hidden only by file permissions (chmod 700 solutions/).")
+    return Isolation(root, namespaces, warnings)
+
+
+@dataclass
+class Outcome:
+    """What the parent observed about one child run."""
+
+    messages: list[dict]
+    returncode: int | None
+    timed_out: bool
+    wall_s: float
+    max_rss_bytes: int
+    output_tail: str
+    rejected: int = 0  # lines that were not valid, token-bearing JSON
+
+    @property
+    def signal(self) -> int | None:
+        return -self.returncode if self.returncode is not None and self.returncode < 0 else None
+
+
+def _drain(fd: int, sink: deque | list, limit: int, lines: bool) -> None:
+    """Read ``fd`` to EOF; keep the last ``limit`` bytes (``lines``: the first ``limit`` bytes, by line)."""
+    total, buf = 0, b""
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while True:
+            try:
+                chunk = f.read(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            total += len(chunk)
+            if lines:
+                if total <= limit:
+                    buf += chunk
+            else:
+                sink.append(chunk)
+                while sum(len(c) for c in sink) > limit and len(sink) > 1:
+                    sink.popleft()
+    if lines:
+        sink.extend(buf.split(b"\n"))
+
+
+def _kill_uid(uid: int, patience_s: float = 10.0) -> None:
+    """SIGKILL every process owned by ``uid`` (one slot's sandbox user) until none is left.
+
+    A PID namespace is torn down asynchronously after its first process dies (a fork bomb
+    takes a moment), and the slot's next submission must not inherit its processes."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        alive = 0
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    if os.stat(f"/proc/{pid}").st_uid == uid:
+                        alive += 1
+                        os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+        if not alive or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
+def child_config(slot: int, limits: Limits, hide: list[str], keep: list[str], workdir: str | None) -> dict:
+    iso = isolation()
+    visible = [sys.base_prefix, sys.prefix, sys.exec_prefix] + [p for p in sys.path if p and os.path.isdir(p)]
+    cfg = {"limits": limits.for_child(), "mounts": iso.namespaces, "hide": hide, "keep": keep, "expose": visible,
+           "workdir": None if iso.namespaces else workdir}
+    if iso.root:
+        cfg["uid"] = cfg["gid"] = UID_BASE + slot
+    else:  # the grader's own uid: RLIMIT_NPROC would count the user's other processes too
+        cfg["limits"]["nproc"] = None
+    return cfg
+
+
+def readable_cache(src: str | None) -> str | None:
+    """A copy of the model cache that the sandbox user may read, or None when there is none.
+
+    Checkpoints are often private to their builder (``model.safetensors`` 0600 in a 0700
+    folder). The copy is grader-owned, world-readable, mounted read-only into the sandbox:
+    world-readable files are hard links (free), the others are copied. The sandbox cannot
+    build a missing checkpoint, so warm the cache first (run the solution notebook once).
+    """
+    if not src or not os.path.isdir(src):
+        return None
+    dst = tempfile.mkdtemp(prefix="memopt-grade-cache-")
+    os.chmod(dst, 0o755)
+    for folder, dirs, files in os.walk(src):
+        rel = os.path.relpath(folder, src)
+        target = os.path.join(dst, rel) if rel != "." else dst
+        os.makedirs(target, mode=0o755, exist_ok=True)
+        os.chmod(target, 0o755)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # half-built checkpoints
+        for name in files:
+            a, b = os.path.join(folder, name), os.path.join(target, name)
+            st = os.lstat(a)
+            if not os.path.isfile(a) or os.path.islink(a):
+                continue
+            try:
+                if st.st_mode & 0o004:
+                    os.link(a, b)
+                    continue
+            except OSError:
+                pass
+            shutil.copyfile(a, b)
+            os.chmod(b, 0o644)
+    return dst
+
+
+def child_env(threads: int, home: str, cache: str | None = None) -> dict:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
+           "MPLBACKEND": "Agg", "MPLCONFIGDIR": home, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
+    for key in ("MEMOPT_PROFILE", "CUDA_VISIBLE_DEVICES"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    if cache:
+        env["MEMOPT_CACHE"] = cache
+    return env
+
+
+def run_child(job: dict, *, slot: int, limits: Limits, hide: list[str], keep: list[str],
+              threads: int = 1, cache: str | None = None) -> Outcome:
+    """Run one job (see :mod:`.runner`) in a fresh sandboxed child and wait for it, bounded."""
+    iso = isolation()
+    token = job["token"]
+    scratch = None if iso.namespaces else tempfile.mkdtemp(prefix="memopt-grade-")
+    sandbox = child_config(slot, limits, hide, keep, scratch)
+    if scratch and iso.root:
+        os.chown(scratch, sandbox["uid"], sandbox["gid"])
+    home = "/tmp/work" if iso.namespaces else scratch
+    r_fd, w_fd = os.pipe()
+    o_fd, ow_fd = os.pipe()
+    job = dict(job, result_fd=w_fd, sandbox=sandbox, threads=threads, sys_path=[p for p in sys.path if p])
+    cmd = (UNSHARE + ["--"] if iso.namespaces else []) + [sys.executable, "-I", str(RUNNER)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=ow_fd, stderr=ow_fd, pass_fds=(w_fd,),
+                            env=child_env(threads, home, cache), cwd="/", start_new_session=True, close_fds=True)
+    os.close(w_fd)
+    os.close(ow_fd)
+    result_lines: list[bytes] = []
+    tail: deque = deque()
+    readers = [threading.Thread(target=_drain, args=(r_fd, result_lines, MAX_RESULT_BYTES, True), daemon=True),
+               threading.Thread(target=_drain, args=(o_fd, tail, TAIL_BYTES, False), daemon=True)]
+    for t in readers:
+        t.start()
+    try:
+        proc.stdin.write(json.dumps(job).encode())
+        proc.stdin.close()
+    except OSError:
+        pass
+    timed_out, status, rusage = False, None, None
+    deadline = t0 + limits.timeout_s
+    while status is None:
+        pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            status, rusage = st, ru
+            break
+        if time.monotonic() > deadline:
+            timed_out = True
+            _killpg(proc.pid)
+            _, status, rusage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.05)
+    wall = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    _killpg(proc.pid)  # anything left in the group (without a PID namespace)
+    if iso.root and "uid" in sandbox:
+        _kill_uid(sandbox["uid"])
+    for t in readers:
+        t.join(timeout=5)
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
+    messages, rejected = parse_messages(result_lines, token)
+    return Outcome(messages, proc.returncode, timed_out, wall, rusage.ru_maxrss * 1024 if rusage else 0,
+                   b"".join(tail).decode("utf-8", "replace"), rejected)
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def parse_messages(lines: list[bytes], token: str) -> tuple[list[dict], int]:
+    """Token-bearing JSON objects, in order; everything else is counted and dropped."""
+    import hmac
+    out, rejected = [], 0
+    for raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            rejected += 1
+            continue
+        if not isinstance(msg, dict) or not hmac.compare_digest(str(msg.pop("token", "")), token):
+            rejected += 1
+            continue
+        out.append(msg)
+    return out, rejected

@@ -1,0 +1,246 @@
+"""Unit tests of the autograder's pieces that need no sandbox: rebuild, message parsing, verdicts, reports."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import types
+from pathlib import Path
+
+import nbformat
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "grading_fixtures"))
+
+import fixture_lab as fx  # noqa: E402
+
+from memopt_lib.grading import rebuild as rb  # noqa: E402
+from memopt_lib.grading.grade import Grade, CheckOutcome, Lab, interpret  # noqa: E402
+from memopt_lib.grading.guard import Guard  # noqa: E402
+from memopt_lib.grading.report import feedback_html, gradescope_results, write_csv  # noqa: E402
+from memopt_lib.grading.sandbox import Outcome, parse_messages  # noqa: E402
+
+TOKEN = "t" * 64
+
+
+@pytest.fixture
+def sol(tmp_path):
+    return fx.write_solution(tmp_path / "solutions")
+
+
+def _run(cells) -> dict:
+    ns: dict = {}
+    for c in cells:
+        exec(compile(c["source"], f"<cell {c['id']}>", "exec"), ns)  # trusted test input
+    return ns
+
+
+def _cells(sol, tmp_path, nb, name="s"):
+    path = fx.write_submission(tmp_path / "subs", name, nb)
+    return rb.rebuild(sol, path)
+
+
+# ---------------------------------------------------------------- rebuild
+def test_honest_regions_are_spliced_into_instructor_cells(sol, tmp_path):
+    built = _cells(sol, tmp_path, fx.student_notebook(fx.SOLUTION_BODIES))
+    assert [c["id"] for c in built.cells] == ["fx-sumsq", "fx-norms"]
+    ns = _run(built.cells)
+    import torch
+    assert ns["sum_of_squares"](torch.tensor([1.0, 2.0])) == 5.0
+    assert built.notes == []
+
+
+def test_untouched_lab_is_not_implemented(sol, tmp_path):
+    ns = _run(_cells(sol, tmp_path, fx.student_notebook()).cells)
+    with pytest.raises(NotImplementedError):
+        ns["row_norms"](None)
+
+
+def test_tags_outputs_metadata_and_other_cells_are_ignored(sol, tmp_path):
+    plain = _cells(sol, tmp_path, fx.student_notebook(fx.WRONG_BODIES), "a").cells
+
+    def decorate(nb):
+        for cell in nb.cells:
+            cell.metadata["tags"] = ["raises-exception", "skip"]
+            cell.metadata["nbgrader"] = {"points": 99}
+            if cell.cell_type == "code":
+                cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="<b>passed</b>")]
+        extra = nbformat.v4.new_code_cell("get_ipython().input_transformers_cleanup.append(lambda l: [])")
+        extra.id = "fx-extra"
+        nb.cells.insert(0, extra)
+    assert _cells(sol, tmp_path, fx.student_notebook(fx.WRONG_BODIES, edit=decorate), "b").cells == plain
+
+
+def test_edits_outside_the_region_are_ignored_and_reported(sol, tmp_path):
+    def edit(nb):
+        cell = next(c for c in nb.cells if c.get("id") == "fx-sumsq")
+        cell.source = "import os; os.system('echo pwned')\n" + cell.source.replace(
+            "def sum_of_squares(x):", "def sum_of_squares(x, cache={}):")
+    built = _cells(sol, tmp_path, fx.student_notebook(fx.SOLUTION_BODIES, edit=edit))
+    src = built.cells[0]["source"]
+    assert "os.system" not in src and "cache={}" not in src and "return float((x * x).sum())" in src
+    assert any("edits outside" in n for n in built.notes)
+
+
+def test_dedented_code_in_a_region_runs_at_cell_level(sol, tmp_path):
+    body = "    return float((x * x).sum())\nLEAKED = 1"
+    ns = _run(_cells(sol, tmp_path, fx.student_notebook({"fx-sumsq": body})).cells)
+    assert ns["LEAKED"] == 1  # student code, but still only student code inside the sandbox
+
+
+def test_missing_graded_cell_counts_as_not_implemented(sol, tmp_path):
+    built = _cells(sol, tmp_path, fx.student_notebook(
+        fx.SOLUTION_BODIES, edit=lambda nb: nb.cells.pop(next(i for i, c in enumerate(nb.cells)
+                                                                if c.get("id") == "fx-norms"))))
+    assert any("missing" in n for n in built.notes)
+    assert "raise NotImplementedError()" in built.cells[1]["source"]
+
+
+def test_the_solution_notebook_itself_grades_as_correct(sol, tmp_path):
+    ns = _run(rb.rebuild(sol, sol).cells)
+    import torch
+    assert torch.allclose(ns["row_norms"](torch.ones(2, 4)), torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize("text,why", [
+    ("{not json", "not valid notebook JSON"),
+    ("[]", "not an nbformat-4"),
+    (json.dumps({"nbformat": 3, "nbformat_minor": 0, "worksheets": []}), "nbformat=3"),
+    (json.dumps({"nbformat": 4, "nbformat_minor": 4, "cells": [], "metadata": {}}), "no cell ids"),
+    ("\xff\xfe", "not valid notebook JSON"),
+])
+def test_unreadable_notebooks_are_ungradable(tmp_path, text, why):
+    p = tmp_path / "90_x.ipynb"
+    p.write_text(text, encoding="latin-1")
+    with pytest.raises(rb.Ungradable, match=why):
+        rb.read_submission(p)
+
+
+def test_symlinks_and_huge_files_are_refused(tmp_path, sol, monkeypatch):
+    link = tmp_path / "90_fixture.ipynb"
+    link.symlink_to(sol)
+    with pytest.raises(rb.Ungradable, match="not a link"):
+        rb.read_submission(link)
+    big = tmp_path / "big.ipynb"
+    big.write_text(" " * 2000)
+    monkeypatch.setattr(rb, "MAX_NOTEBOOK_BYTES", 1000)
+    with pytest.raises(rb.Ungradable, match="larger than"):
+        rb.read_submission(big)
+
+
+def test_find_notebook(tmp_path):
+    (tmp_path / "90_a.ipynb").write_text("{}")
+    assert rb.find_notebook(tmp_path, "90", "90_fixture.ipynb").name == "90_a.ipynb"
+    (tmp_path / "90_b.ipynb").write_text("{}")
+    with pytest.raises(rb.Ungradable, match="several"):
+        rb.find_notebook(tmp_path, "90", "90_fixture.ipynb")
+    (tmp_path / "90_fixture.ipynb").write_text("{}")
+    assert rb.find_notebook(tmp_path, "90", "90_fixture.ipynb").name == "90_fixture.ipynb"
+
+
+# ---------------------------------------------------------------- messages and verdicts
+def _line(**m):
+    return json.dumps(m).encode()
+
+
+def test_only_token_bearing_json_objects_are_accepted():
+    lines = [_line(event="done", token=TOKEN), _line(event="done", token="x" * 64), _line(event="done"),
+             b"not json", b"[1, 2]", b"", _line(event="start", check="a", token=TOKEN)]
+    msgs, rejected = parse_messages(lines, TOKEN)
+    assert msgs == [{"event": "done"}, {"event": "start", "check": "a"}]
+    assert rejected == 4
+
+
+@pytest.fixture
+def lab(sol):
+    sys.modules.pop("memopt_fixture_lab90", None)
+    return Lab.load("90", sol.parent, "memopt_fixture_lab90")
+
+
+def _outcome(msgs, rc=0, timed_out=False):
+    return Outcome(msgs, rc, timed_out, 1.0, 0, "")
+
+
+def test_scores_come_from_the_grader_not_the_child(lab):
+    msgs = [{"event": "start", "check": "row_norms_lean"},
+            {"event": "result", "check": "row_norms_lean", "status": "passed", "score": 1000, "measurements": {}},
+            {"event": "done"}]
+    checks, status, _ = interpret(lab, _outcome(msgs), 0, 10)
+    by = {c.name: c for c in checks}
+    assert by["row_norms_lean"].score == 3.0 and by["sum_of_squares_values"].status == "not_run"
+
+
+@pytest.mark.parametrize("msgs", [
+    [{"event": "result", "check": "row_norms_lean", "status": "passed"}],                      # no start
+    [{"event": "start", "check": "row_norms_lean"},
+     {"event": "result", "check": "row_norms_lean", "status": "passed"},
+     {"event": "result", "check": "row_norms_lean", "status": "passed"}],                      # twice
+    [{"event": "start", "check": "bonus"}, {"event": "result", "check": "bonus", "status": "passed"}],  # not asked
+])
+def test_suspicious_message_sequences_are_tampering(lab, msgs):
+    checks, status, reason = interpret(lab, _outcome(msgs + [{"event": "done"}]), 0, 10)
+    assert status == "tampering" and all(c.score == 0 and c.status == "failed" for c in checks), reason
+
+
+def test_answers_are_reverified_in_the_grader(lab):
+    import memopt_fixture_lab90 as m
+    good = [float((x * x).sum()) for x in m.sum_inputs(7)]
+    for answers, want in ((good, "passed"), ([42.0] * len(good), "failed"), ("junk", "failed")):
+        msgs = [{"event": "start", "check": "sum_of_squares_values"},
+                {"event": "result", "check": "sum_of_squares_values", "status": "passed",
+                 "measurements": {"answers": answers}}, {"event": "done"}]
+        checks, _, _ = interpret(lab, _outcome(msgs), 7, 10)
+        assert checks[0].status == want
+
+
+@pytest.mark.parametrize("rc,timed_out,want", [(-signal.SIGKILL, True, "timeout"), (-signal.SIGXCPU, False, "timeout"),
+                                               (-signal.SIGKILL, False, "oom"), (-signal.SIGSEGV, False, "crashed"),
+                                               (0, False, "crashed")])
+def test_a_silent_death_is_classified_by_the_parent(lab, rc, timed_out, want):
+    msgs = [{"event": "start", "check": "sum_of_squares_values"}]
+    checks, status, _ = interpret(lab, _outcome(msgs, rc, timed_out), 0, 10)
+    assert [c.status for c in checks] == [want, "not_run"] and status == "graded"
+
+
+# ---------------------------------------------------------------- guard (photograph only: no audit arming here)
+def test_guard_sees_replaced_functions_code_and_added_attributes():
+    mod = types.ModuleType("fake_instrument")
+    exec("def peak():\n    return 1\nclass Base:\n    def nbytes(self):\n        return 8\n"
+         "class Tracker(Base):\n    def change(self):\n        return 1", mod.__dict__)
+    sys.modules["fake_instrument"] = mod
+    import builtins
+    guard = Guard([mod, builtins], [mod.Tracker])
+    assert guard.verify() == []
+    mod.peak.__code__ = (lambda: 0).__code__
+    mod.Tracker.helper = lambda self: 0  # a new name hides nothing: allowed (libraries do this)
+    mod.Tracker.nbytes = lambda self: 0  # hides Base.nbytes
+    problems = guard.verify()
+    assert any("peak.__code__" in p for p in problems) and any("Tracker.nbytes was added" in p for p in problems)
+    assert not any("helper" in p for p in problems)
+    mod.peak = lambda: 0
+    assert any("fake_instrument.peak was replaced" in p for p in guard.verify())
+
+
+# ---------------------------------------------------------------- reports
+def _grade(msg="<script>alert(1)</script>", sid="s1"):
+    return Grade(student_id=sid, lab="90", status="graded", score=0.0, max_score=5.0, notebook="=cmd|' /C calc'!A0",
+                 checks=[CheckOutcome("row_norms_lean", "error", 0.0, 3.0, msg, {"peak_allocated_bytes": 10})],
+                 output_tail="<img src=x onerror=alert(1)>")
+
+
+def test_feedback_escapes_everything_the_student_controls():
+    page = feedback_html(_grade())
+    assert "<script" not in page and "<img" not in page and "&lt;script&gt;" in page
+
+
+def test_csv_cells_cannot_become_formulas(tmp_path):
+    write_csv([_grade(msg="x")], tmp_path / "g.csv", ["row_norms_lean"])
+    text = (tmp_path / "g.csv").read_text()
+    assert "'=cmd" in text and ",=cmd" not in text
+
+
+def test_gradescope_schema():
+    res = gradescope_results(_grade())
+    assert set(res) >= {"score", "execution_time", "output", "tests", "visibility", "stdout_visibility"}
+    t = res["tests"][0]
+    assert t["status"] == "failed" and t["max_score"] == 3.0 and t["extra_data"]["memopt_status"] == "error"
