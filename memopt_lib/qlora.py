@@ -4,7 +4,7 @@ The recipe (Dettmers et al., 2023), piece by piece -- what it saves, what it cos
 
 * **4-bit NF4 weights** (bitsandbytes ``Linear4bit``). Every frozen Linear weight is stored as 4-bit codes
   (0.5 byte/param) plus one absmax scale per block of 64 weights. *Double quantization* stores those scales
-  in 8 bits plus one fp32 scale per 256 of them: 0.5 -> ~0.127 bit/param of scales, about 0.35 GiB less at 7B.
+  in 8 bits plus one fp32 scale per 256 of them: 0.5 -> ~0.127 bit/param of scales, 0.28 GiB less at 7B.
   Cost: each matmul first dequantizes the layer's weight to the *compute dtype* (bf16; fp16 on GPUs
   without native bf16) -- time, and a transient bf16 copy of one weight.
 * **LoRA adapters** (peft) on the frozen base: gradients and optimizer state exist only for

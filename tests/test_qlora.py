@@ -172,6 +172,14 @@ def test_qlora_step_report_cpu_lean_beats_default_with_micro_batches():
         qlora.qlora_step_report(TINY, device="cpu", recipe="fast")
 
 
+def test_cli_prints_one_json_line_per_batch(capsys):
+    import json
+    qlora.main(["--model", TINY, "--device", "cpu", "--batch", "1", "2", "--seq", "32", "--micro-batch", "1"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [x["batch"] for x in lines] == [1, 2]
+    assert all(x["peak_allocated_bytes"] > x["weight_bytes"] and x["checkpointing_active"] for x in lines)
+
+
 def test_default_stack_extrapolation_from_anchors():
     rows = {r["name"]: r for r in qlora.load_anchors()["rows"]}
     b1 = rows["7b qlora-r16(qkvo) ckpt adamw dq=True B1 S512"]["peak_steady_GiB"]
