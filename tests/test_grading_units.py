@@ -244,3 +244,17 @@ def test_gradescope_schema():
     assert set(res) >= {"score", "execution_time", "output", "tests", "visibility", "stdout_visibility"}
     t = res["tests"][0]
     assert t["status"] == "failed" and t["max_score"] == 3.0 and t["extra_data"]["memopt_status"] == "error"
+
+
+# ---------------------------------------------------------------- isolation without root
+def test_without_root_the_grader_warns_and_skips_what_it_cannot_enforce(monkeypatch):
+    from memopt_lib.grading import sandbox
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    sandbox.isolation.cache_clear()
+    try:
+        iso = sandbox.isolation()
+        assert not iso.root and not iso.namespaces and "not running as root" in iso.warnings[0]
+        cfg = sandbox.child_config(0, sandbox.Limits(), ["/secret"], [], "/tmp/x")
+        assert "uid" not in cfg and cfg["limits"]["nproc"] is None and cfg["mounts"] is False
+    finally:
+        sandbox.isolation.cache_clear()
