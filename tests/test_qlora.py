@@ -1,0 +1,210 @@
+"""Lab 09 (QLoRA capstone): the recipe's pieces, the check module on the solution and on the lab."""
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from memopt_lib import qlora
+from memopt_lib.checks import registry, run_checks
+from memopt_lib.checks.base import CheckContext
+from memopt_lib.checks.lab09_qlora_capstone import reference_4bit_bytes
+from memopt_lib.models import model_config
+from memopt_lib.profiles import pick_profile
+from memopt_lib.text import random_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLUTION = ROOT / "solutions" / "09_qlora_capstone.ipynb"
+LAB = ROOT / "labs" / "09_qlora_capstone.ipynb"
+TINY = "llama-tiny"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """llama-tiny's ops are too small for threads; on a busy 2-core machine two threads are far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lean():
+    model, opt = qlora.build_lean(TINY, rank=16, device="cpu")
+    return model, opt
+
+
+def test_4bit_load_is_nf4_double_quant_and_byte_exact():
+    for dq in (True, False):
+        model = qlora.load_4bit(TINY, double_quant=dq, compute_dtype=torch.float32)
+        assert qlora.count_4bit_linears(model) == 7 * model_config(TINY).num_hidden_layers
+        assert model.training  # load_model puts it in train mode
+        rotary = sum(b.untyped_storage().nbytes() for b in model.buffers())  # inv_freq tables, not weights
+        held = qlora.weight_bytes(model) - rotary
+        assert held == reference_4bit_bytes(model_config(TINY), double_quant=dq, other_bytes=4)
+
+
+def test_reference_bytes_match_7b_anchors():
+    rows = {r["name"]: r for r in qlora.load_anchors()["rows"]}
+    for dq in (True, False):
+        anchor = rows[f"7b qlora-r16(qkvo) ckpt adamw dq={dq} B4 S512"]["loaded_GiB"] * 1024**3
+        got = reference_4bit_bytes(model_config("llama-7b"), double_quant=dq)
+        assert abs(got - anchor) < 0.03 * anchor
+
+
+def test_prepare_model_for_kbit_training_upcasts_and_lean_does_not():
+    from peft import prepare_model_for_kbit_training
+    model = qlora.load_4bit(TINY, compute_dtype=torch.bfloat16)
+    before, predicted = qlora.weight_bytes(model), qlora.upcast_bytes(model)
+    assert predicted > 0
+    prepared = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert qlora.weight_bytes(prepared) - before == predicted
+    lean = qlora.prepare_lean(qlora.load_4bit(TINY, compute_dtype=torch.bfloat16))
+    assert qlora.weight_bytes(lean) == before
+    assert qlora.checkpointing_active(lean)
+    assert not any(p.requires_grad for p in lean.parameters())
+
+
+def test_eval_mode_silently_disables_checkpointing(lean):
+    model, _ = lean
+    assert qlora.checkpointing_active(model)
+    model.eval()
+    try:
+        assert not qlora.checkpointing_active(model)
+    finally:
+        model.train()
+
+
+def test_lean_recipe_trains_only_lora_with_8bit_state(lean, capsys):
+    model, opt = lean
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert type(opt).__name__ == "AdamW8bit"  # CPU: not paged
+    step = qlora.make_train_step(model, opt)
+    loss = step(random_batch(model.config.vocab_size, 2, 32))
+    assert 0 < loss < 20
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert qlora.optimizer_state_bytes(opt) <= 4 * n
+    assert qlora.paged_state_bytes(opt) == 0
+
+
+def test_make_optimizer_paged_falls_back_on_cpu_with_notice(lean, capsys):
+    model, _ = lean
+    opt = qlora.make_optimizer(model, device="cpu", kind="paged_adamw_8bit")
+    assert type(opt).__name__ == "AdamW8bit"
+    assert "paged optimizers need CUDA" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="optimizer kind"):
+        qlora.make_optimizer(model, device="cpu", kind="sgd")
+
+
+def _grads_after(model, step_fn, batch):
+    captured = {}
+
+    class Capture(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    captured[id(p)] = p.grad.detach().clone()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = qlora.make_train_step(model, Capture(params), **step_fn)(batch)
+    return loss, [captured[id(p)] for p in params]
+
+
+def test_accumulation_on_vs_off_same_gradient():
+    model, _ = qlora.build_lean(TINY, rank=8, dropout=0.0)
+    with torch.no_grad():  # B != 0 so that A gets gradients too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    batch = random_batch(model.config.vocab_size, 4, 32, seed=3)
+    l_full, g_full = _grads_after(model, {}, batch)
+    l_micro, g_micro = _grads_after(model, {"micro_batch": 1}, batch)
+    assert l_micro == pytest.approx(l_full, rel=1e-4)
+    for a, b in zip(g_micro, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_checkpointing_on_vs_off_same_gradient():
+    model, _ = qlora.build_lean(TINY, rank=8, dropout=0.0)
+    batch = random_batch(model.config.vocab_size, 2, 32, seed=4)
+    _, g_on = _grads_after(model, {}, batch)
+    model.get_base_model().gradient_checkpointing_disable()
+    assert not qlora.checkpointing_active(model)
+    _, g_off = _grads_after(model, {}, batch)
+    for a, b in zip(g_on, g_off):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_reentrant_checkpointing_needs_input_grads(reentrant):
+    """Without an input that requires grad, reentrant checkpointing gives the adapters no gradient; non-reentrant does.
+
+    (transformers' gradient_checkpointing_enable installs enable_input_require_grads itself; we remove it.)
+    """
+    model = qlora.load_4bit(TINY)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.disable_input_require_grads()
+    model = qlora.apply_lora(model, rank=4, dropout=0.0)
+    batch = random_batch(model.config.vocab_size, 1, 16)
+    if reentrant:
+        with warnings.catch_warnings(), pytest.raises(RuntimeError, match="does not require grad"):
+            warnings.simplefilter("ignore")  # torch: "None of the inputs have requires_grad=True"
+            model(**batch).loss.backward()  # nothing inside the checkpoints is connected to the loss
+        model.get_base_model().enable_input_require_grads()
+    model(**batch).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_qlora_step_report_cpu_lean_beats_default_with_micro_batches():
+    lean = qlora.qlora_step_report(TINY, batch=4, seq=128, device="cpu", recipe="lean", micro_batch=1)
+    default = qlora.qlora_step_report(TINY, batch=4, seq=128, device="cpu", recipe="default")
+    assert lean.extra["checkpointing_active"] and default.extra["checkpointing_active"]
+    assert lean.extra["optimizer"] == "AdamW8bit" and default.extra["optimizer"] == "AdamW"
+    assert lean.peak_allocated_bytes < 0.75 * default.peak_allocated_bytes
+    with pytest.raises(ValueError, match="recipe"):
+        qlora.qlora_step_report(TINY, device="cpu", recipe="fast")
+
+
+def test_default_stack_extrapolation_from_anchors():
+    rows = {r["name"]: r for r in qlora.load_anchors()["rows"]}
+    b1 = rows["7b qlora-r16(qkvo) ckpt adamw dq=True B1 S512"]["peak_steady_GiB"]
+    b4 = rows["7b qlora-r16(qkvo) ckpt adamw dq=True B4 S512"]["peak_steady_GiB"]
+    assert qlora.default_stack_b8_bytes(batch=1) == pytest.approx(b1 * 1024**3)
+    assert qlora.default_stack_b8_bytes() / 1024**3 == pytest.approx(b4 + 4 * (b4 - b1) / 3)
+
+
+def _ctx():
+    prof = pick_profile()
+    return CheckContext(prof.device, prof)
+
+
+def test_lab09_checks_pass_on_solution():
+    from memopt_lib.notebook import namespace_from
+    ns = namespace_from(SOLUTION, SOLUTION)
+    results = run_checks(registry("09"), ns, _ctx())
+    ran = [r for r in results if r.status != "not_run"]
+    assert ran and all(r.status == "passed" for r in ran), [(r.name, r.status, r.message) for r in results]
+    skipped = {r.name for r in results if r.status == "not_run"}
+    assert skipped <= {"fits_12gb_7b", "beats_default_7b"}
+
+
+def test_lab09_checks_fail_on_lab():
+    from memopt_lib.notebook import namespace_from
+    ns = namespace_from(LAB, SOLUTION)
+    results = run_checks(registry("09"), ns, _ctx())
+    assert results and all(r.status != "passed" for r in results), [(r.name, r.status) for r in results]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_7b_lean_recipe_fits_12gb_and_beats_default_gpu():
+    rep = qlora.qlora_step_report("llama-7b", batch=8, seq=512, device="cuda", recipe="lean", micro_batch=2)
+    assert rep.peak_reserved_bytes + rep.extra["paged_state_bytes"] + 2**29 <= 12 * 1024**3
+    assert rep.peak_allocated_bytes <= 0.8 * qlora.default_stack_b8_bytes()
