@@ -45,6 +45,7 @@ def test_autograder_zip_grades_a_submission(tmp_path):
     fx.write_submission(root, "submission", fx.student_notebook(fx.SOLUTION_BODIES))
     (root / "submission" / "90_link.ipynb").symlink_to(sol)  # must not be picked up
     env = dict(os.environ, AUTOGRADER_ROOT=str(root), MEMOPT_PYTHON=sys.executable, MEMOPT_CACHE=str(tmp_path / "c"),
+               MEMOPT_GRADE_UID_BASE="64400",
                PYTHONPATH=str(root / "source" / "memopt"))
     subprocess.run(["bash", str(root / "source" / "run_autograder")], env=env, check=True, timeout=300,
                    cwd=str(tmp_path))

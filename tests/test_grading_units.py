@@ -254,7 +254,9 @@ def test_without_root_the_grader_warns_and_skips_what_it_cannot_enforce(monkeypa
     try:
         iso = sandbox.isolation()
         assert not iso.root and not iso.namespaces and "not running as root" in iso.warnings[0]
-        cfg = sandbox.child_config(0, sandbox.Limits(), ["/secret"], [], "/tmp/x")
+        cfg = sandbox.child_config(None, sandbox.Limits(), ["/secret"], [], "/tmp/x")
+        with sandbox.UidPool(2) as pool:
+            assert pool.uids == [None, None]
         assert "uid" not in cfg and cfg["limits"]["nproc"] is None and cfg["mounts"] is False
     finally:
         sandbox.isolation.cache_clear()
