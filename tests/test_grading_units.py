@@ -260,3 +260,14 @@ def test_without_root_the_grader_warns_and_skips_what_it_cannot_enforce(monkeypa
         assert "uid" not in cfg and cfg["limits"]["nproc"] is None and cfg["mounts"] is False
     finally:
         sandbox.isolation.cache_clear()
+
+
+def test_two_graders_never_share_a_sandbox_uid(monkeypatch):
+    from memopt_lib.grading import sandbox
+    if not sandbox.isolation().root:
+        pytest.skip("uids are only used as root")
+    monkeypatch.setattr(sandbox, "UID_BASE", 64500)
+    with sandbox.UidPool(2) as a, sandbox.UidPool(2) as b:
+        assert len(set(a.uids) | set(b.uids)) == 4
+    with sandbox.UidPool(1) as c:  # released: reusable
+        assert c.uids[0] in a.uids
