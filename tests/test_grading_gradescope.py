@@ -34,10 +34,18 @@ def test_autograder_zip_grades_a_submission(tmp_path):
     for name in ("run_autograder", "setup.sh"):
         subprocess.run(["bash", "-n", str(root / "source" / name)], check=True)
 
+    # setup.sh's warm-up: the checks on the instructor's solution, unsandboxed, must all pass
+    setup = (root / "source" / "setup.sh").read_text()
+    warm = setup.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    src = root / "source"
+    subprocess.run([sys.executable, "-c", warm], cwd=str(src), check=True, timeout=300,
+                   env=dict(os.environ, PYTHONPATH=f"{src / 'extra'}:{src / 'reference'}:{src / 'memopt'}"))
+
     (root / "submission").mkdir()
     fx.write_submission(root, "submission", fx.student_notebook(fx.SOLUTION_BODIES))
     (root / "submission" / "90_link.ipynb").symlink_to(sol)  # must not be picked up
     env = dict(os.environ, AUTOGRADER_ROOT=str(root), MEMOPT_PYTHON=sys.executable, MEMOPT_CACHE=str(tmp_path / "c"),
+               MEMOPT_GRADE_UID_BASE="64400",
                PYTHONPATH=str(root / "source" / "memopt"))
     subprocess.run(["bash", str(root / "source" / "run_autograder")], env=env, check=True, timeout=300,
                    cwd=str(tmp_path))

@@ -244,3 +244,30 @@ def test_gradescope_schema():
     assert set(res) >= {"score", "execution_time", "output", "tests", "visibility", "stdout_visibility"}
     t = res["tests"][0]
     assert t["status"] == "failed" and t["max_score"] == 3.0 and t["extra_data"]["memopt_status"] == "error"
+
+
+# ---------------------------------------------------------------- isolation without root
+def test_without_root_the_grader_warns_and_skips_what_it_cannot_enforce(monkeypatch):
+    from memopt_lib.grading import sandbox
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    sandbox.isolation.cache_clear()
+    try:
+        iso = sandbox.isolation()
+        assert not iso.root and not iso.namespaces and "not running as root" in iso.warnings[0]
+        cfg = sandbox.child_config(None, sandbox.Limits(), ["/secret"], [], "/tmp/x")
+        with sandbox.UidPool(2) as pool:
+            assert pool.uids == [None, None]
+        assert "uid" not in cfg and cfg["limits"]["nproc"] is None and cfg["mounts"] is False
+    finally:
+        sandbox.isolation.cache_clear()
+
+
+def test_two_graders_never_share_a_sandbox_uid(monkeypatch):
+    from memopt_lib.grading import sandbox
+    if not sandbox.isolation().root:
+        pytest.skip("uids are only used as root")
+    monkeypatch.setattr(sandbox, "UID_BASE", 64500)
+    with sandbox.UidPool(2) as a, sandbox.UidPool(2) as b:
+        assert len(set(a.uids) | set(b.uids)) == 4
+    with sandbox.UidPool(1) as c:  # released: reusable
+        assert c.uids[0] in a.uids

@@ -20,7 +20,7 @@ from types import ModuleType
 
 from ..checks.base import STATUSES, Registry
 from .rebuild import Ungradable, find_notebook, rebuild
-from .sandbox import Limits, Outcome, run_child
+from .sandbox import Limits, Outcome, UidPool, run_child
 
 STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,99}$")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -178,7 +178,7 @@ def _reverify(lab: Lab, r: CheckOutcome, seed: int) -> CheckOutcome:
     return r
 
 
-def grade_one(lab: Lab, student_dir: Path, *, slot: int, limits: Limits, hide: list[str], keep: list[str],
+def grade_one(lab: Lab, student_dir: Path, *, uid: int | None, limits: Limits, hide: list[str], keep: list[str],
               threads: int = 1, cache: str | None = None) -> Grade:
     sid = student_dir.name
     base = dict(student_id=sid, lab=lab.lab, max_score=lab.registry.max_score)
@@ -190,7 +190,7 @@ def grade_one(lab: Lab, student_dir: Path, *, slot: int, limits: Limits, hide: l
     seed = secrets.randbelow(2**31)
     job = {"token": secrets.token_hex(32), "checks_module": lab.checks_module, "seed": seed,
            "checks": [c.name for c in lab.registry.checks], "cells": built.cells}
-    outcome = run_child(job, slot=slot, limits=limits, hide=hide, keep=keep, threads=threads, cache=cache)
+    outcome = run_child(job, uid=uid, limits=limits, hide=hide, keep=keep, threads=threads, cache=cache)
     checks, status, reason = interpret(lab, outcome, seed, limits.timeout_s)
     peaks = [c.measurements.get("peak_allocated_bytes") for c in checks]
     peaks = [int(p) for p in peaks if isinstance(p, (int, float)) and not isinstance(p, bool)]
@@ -230,24 +230,24 @@ def grade_batch(lab: Lab, submissions: Path, out: Path, *, workers: int = 1, lim
     keep = [cache] if cache else []
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     slots: Queue = Queue()
-    for i in range(workers):
-        slots.put(i)
 
     def task(d: Path) -> Grade:
-        slot = slots.get()
+        uid = slots.get()
         try:
-            return grade_one(lab, d, slot=slot, limits=limits, hide=hide, keep=keep, threads=threads, cache=cache)
+            return grade_one(lab, d, uid=uid, limits=limits, hide=hide, keep=keep, threads=threads, cache=cache)
         except Exception as err:  # noqa: BLE001 - a grader bug on one submission must not stop the batch
             return Grade(student_id=d.name, lab=lab.lab, status="ungradable", score=0.0,
                          max_score=lab.registry.max_score,
                          reason=f"grader error: {type(err).__name__}: {err}",
                          output_tail=traceback.format_exc()[-4000:])
         finally:
-            slots.put(slot)
+            slots.put(uid)
 
     grades = []
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with UidPool(workers) as pool_uids, ThreadPoolExecutor(max_workers=workers) as pool:
+            for uid in pool_uids.uids:
+                slots.put(uid)
             futures = [pool.submit(task, d) for d in dirs]
             for fut in tqdm(as_completed(futures), total=len(futures), desc=f"lab {lab.lab}", unit="submission",
                             disable=not progress):

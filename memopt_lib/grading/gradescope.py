@@ -34,6 +34,19 @@ python3 -m venv /autograder/venv
 # the instructor's notebook and reference code: root only (the sandbox runs as another uid)
 chmod -R go-rwx /autograder/source/solutions /autograder/source/reference
 chmod 755 /autograder/source /autograder/source/extra
+# Warm the model cache (the sandbox may read it, not build it) by running the checks on the
+# instructor's solution, as root, once: this also proves the image grades the solution full marks.
+export MEMOPT_CACHE=/autograder/cache
+cd /autograder/source
+PYTHONPATH=extra:reference /autograder/venv/bin/python - <<'PY'
+import importlib
+from memopt_lib.checks.base import format_results, run_checks
+from memopt_lib.notebook import namespace_from
+sol = "solutions/{solution}"
+results = run_checks(importlib.import_module("{checks_module}").CHECKS, namespace_from(sol, sol))
+print(format_results(results))
+assert all(r.status == "passed" for r in results), "the solution does not pass its own checks on this image"
+PY
 """
 
 RUN_AUTOGRADER = """#!/usr/bin/env bash
@@ -42,6 +55,7 @@ set -uo pipefail
 ROOT="${{AUTOGRADER_ROOT:-/autograder}}"
 PY="${{MEMOPT_PYTHON:-$ROOT/venv/bin/python}}"
 SRC="$ROOT/source"
+export MEMOPT_CACHE="${{MEMOPT_CACHE:-$ROOT/cache}}"
 work="$(mktemp -d)"
 mkdir -p "$work/submissions/student" "$ROOT/results"
 # regular files only (a symlink would point the grader at a file of its own choosing)
@@ -82,7 +96,7 @@ def build_autograder(lab: str, out: Path, *, solutions: Path | None = None, chec
             info.compress_type = zipfile.ZIP_DEFLATED
             z.writestr(info, text)
 
-        add_text("setup.sh", SETUP_SH, 0o755)
+        add_text("setup.sh", SETUP_SH.format(solution=spec.solution.name, checks_module=spec.checks_module), 0o755)
         add_text("run_autograder", RUN_AUTOGRADER.format(lab=spec.lab, checks_arg=checks_arg, timeout=timeout_s,
                                                           memory_mb=memory_mb), 0o755)
         z.write(REPO_ROOT / "pyproject.toml", "memopt/pyproject.toml")

@@ -9,7 +9,8 @@ Per submission the grader starts ``python -I runner.py`` (see :mod:`.runner`):
   in which :mod:`.confine` hides the solutions and gives the child its own ``/tmp``;
 * in its own session and process group, killed as a group at the wall-clock timeout;
 * with rlimits on CPU time, heap, processes and file size, as an unprivileged uid of its
-  own (one per worker slot, so ``RLIMIT_NPROC`` counts only this submission);
+  own (one per worker slot, locked against other graders on the machine: :class:`UidPool`),
+  so ``RLIMIT_NPROC`` counts only this submission;
 * with a clean environment (no grader secrets), stdin replaced after the job is read,
   stdout/stderr kept only as a bounded tail, and a separate pipe for JSON results.
 
@@ -35,6 +36,9 @@ from pathlib import Path
 
 RUNNER = Path(__file__).with_name("runner.py")
 UID_BASE = int(os.environ.get("MEMOPT_GRADE_UID_BASE", "64000"))
+UID_SPAN = 4096
+LOCK_DIR = Path(os.environ.get("MEMOPT_GRADE_LOCKS", "/tmp/memopt-grade-uids"))
+USED_UIDS: set[int] = set()  # every sandbox uid this process has used (tests check none survives)
 MAX_RESULT_BYTES = 2 * 1024 * 1024
 TAIL_BYTES = 16 * 1024
 UNSHARE = ["unshare", "--fork", "--pid", "--mount-proc", "--net", "--mount", "--kill-child"]
@@ -144,13 +148,72 @@ def _kill_uid(uid: int, patience_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def child_config(slot: int, limits: Limits, hide: list[str], keep: list[str], workdir: str | None) -> dict:
+def _uid_busy(uid: int) -> bool:
+    """A uid that is a real account or owns a running process (e.g. an older grader's sandbox)."""
+    import pwd
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        pass
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+class UidPool:
+    """``n`` sandbox uids no other grader on this machine uses while we hold them.
+
+    Two graders running at once (two courses, or a test suite beside a real batch) must not
+    share a uid: each kills every process of its uids after a submission. A uid is ours
+    while we hold an ``flock`` on ``LOCK_DIR/<uid>.lock``; the kernel drops it if we die.
+    """
+
+    def __init__(self, n: int):
+        self.n, self.uids, self._fds = n, [], []
+
+    def __enter__(self) -> "UidPool":
+        if not isolation().root:
+            self.uids = [None] * self.n
+            return self
+        import fcntl
+        LOCK_DIR.mkdir(mode=0o755, exist_ok=True)
+        for uid in range(UID_BASE, UID_BASE + UID_SPAN):
+            if len(self.uids) == self.n:
+                break
+            fd = os.open(LOCK_DIR / f"{uid}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            if _uid_busy(uid):
+                os.close(fd)
+                continue
+            self._fds.append(fd)
+            self.uids.append(uid)
+        if len(self.uids) < self.n:
+            raise RuntimeError(f"no free sandbox uid in {UID_BASE}..{UID_BASE + UID_SPAN - 1}")
+        USED_UIDS.update(self.uids)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def child_config(uid: int | None, limits: Limits, hide: list[str], keep: list[str], workdir: str | None) -> dict:
     iso = isolation()
     visible = [sys.base_prefix, sys.prefix, sys.exec_prefix] + [p for p in sys.path if p and os.path.isdir(p)]
     cfg = {"limits": limits.for_child(), "mounts": iso.namespaces, "hide": hide, "keep": keep, "expose": visible,
            "workdir": None if iso.namespaces else workdir}
-    if iso.root:
-        cfg["uid"] = cfg["gid"] = UID_BASE + slot
+    if iso.root and uid is not None:
+        cfg["uid"] = cfg["gid"] = uid
     else:  # the grader's own uid: RLIMIT_NPROC would count the user's other processes too
         cfg["limits"]["nproc"] = None
     return cfg
@@ -202,13 +265,13 @@ def child_env(threads: int, home: str, cache: str | None = None) -> dict:
     return env
 
 
-def run_child(job: dict, *, slot: int, limits: Limits, hide: list[str], keep: list[str],
+def run_child(job: dict, *, uid: int | None, limits: Limits, hide: list[str], keep: list[str],
               threads: int = 1, cache: str | None = None) -> Outcome:
     """Run one job (see :mod:`.runner`) in a fresh sandboxed child and wait for it, bounded."""
     iso = isolation()
     token = job["token"]
     scratch = None if iso.namespaces else tempfile.mkdtemp(prefix="memopt-grade-")
-    sandbox = child_config(slot, limits, hide, keep, scratch)
+    sandbox = child_config(uid, limits, hide, keep, scratch)
     if scratch and iso.root:
         os.chown(scratch, sandbox["uid"], sandbox["gid"])
     home = "/tmp/work" if iso.namespaces else scratch
