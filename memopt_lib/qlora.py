@@ -338,9 +338,9 @@ def default_stack_b8_bytes(anchors: dict | None = None, batch: int = 8) -> float
 
 
 def load_anchors() -> dict:
-    """The H200 measurements shipped in ``memopt_lib/assets/h200_anchors.json``."""
-    from pathlib import Path
-    return json.loads((Path(__file__).parent / "assets" / "h200_anchors.json").read_text())
+    """The H200 measurements shipped in ``memopt_lib/assets/h200_anchors.json`` (see :mod:`memopt_lib.anchors`)."""
+    from . import anchors
+    return anchors.load()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,5 @@
 """Models load from the hub when online and from a same-shape local checkpoint offline -- never silently."""
 import pytest
-import torch
 
 from memopt_lib import models
 from memopt_lib.calculator import Shape, lora_params

@@ -10,25 +10,18 @@ Where the thresholds come from:
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 
+from .. import anchors
 from ..models import count_parameters, load_model
 from ..profiler import GiB, fmt_bytes, measure, train_step_fn
 from ..text import random_batch
 from .base import Registry
 
 CHECKS = Registry(lab="01")
-ANCHORS = Path(__file__).resolve().parent.parent / "assets" / "h200_anchors.json"
 STEP_RATIO = 1.05
 GPU_MARGIN = 1.10
-
-
-def _anchor(name: str) -> dict:
-    rows = json.loads(ANCHORS.read_text())["rows"]
-    return next(r for r in rows if r["name"] == name)
 
 
 def _configs(ctx):
@@ -126,7 +119,7 @@ def training_step_is_correct_and_lean(ns, ctx):
         f"{fmt_bytes(ref.peak_allocated_bytes)} (allowed: x{STEP_RATIO}). Zero gradients with "
         "set_to_none=True before the forward, and keep no tensors from the step alive.")
     if gpu_real:
-        budget = _anchor("gpt2 B8 S512 fp32 adamw(fused)")["peak_steady_GiB"] * GPU_MARGIN * GiB
+        budget = anchors.row("gpt2 B8 S512 fp32 adamw(fused)")["peak_steady_GiB"] * GPU_MARGIN * GiB
         assert rep.peak_allocated_bytes <= budget, (
             f"peak {fmt_bytes(rep.peak_allocated_bytes)} exceeds the GPU budget {fmt_bytes(budget)} "
             "(H200 anchor + 10 %)")

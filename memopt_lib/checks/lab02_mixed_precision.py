@@ -26,11 +26,9 @@ Where the thresholds come from
 """
 from __future__ import annotations
 
-import json
-from importlib import resources
-
 import torch
 
+from .. import anchors
 from .base import Registry
 
 CHECKS = Registry(lab="02")
@@ -41,12 +39,6 @@ LOSS_TOL = 0.02        # relative error of the returned loss vs the fp32 loss
 CPU_PEAK_RATIO = 1.10  # autocast peak / fp32 peak on CPU (tracker)
 GPU_MARGIN = 1.08      # on top of the H200 anchor
 GPU_ANCHOR = "gpt2 B8 S512 amp-bf16 adamw(fused)"
-
-
-def anchors() -> dict[str, dict]:
-    """The H200 anchor rows by name."""
-    text = resources.files("memopt_lib").joinpath("assets/h200_anchors.json").read_text()
-    return {row["name"]: row for row in json.loads(text)["rows"]}
 
 
 def _tiny(seed: int, device):
@@ -221,7 +213,7 @@ def step_peak_memory(ns, ctx):
     del student, opt
     out = {"amp_peak_bytes": amp_peak}
     if ctx.is_gpu and (name, b, s) == ("gpt2", 8, 512):
-        anchor = anchors()[GPU_ANCHOR]["peak_steady_GiB"]
+        anchor = anchors.row(GPU_ANCHOR)["peak_steady_GiB"]
         budget = anchor * GPU_MARGIN * GiB
         assert amp_peak <= budget, (f"autocast step peaked at {amp_peak / GiB:.2f} GiB > {budget / GiB:.2f} GiB "
                                     f"(H200 anchor {anchor} GiB x {GPU_MARGIN}): does something keep fp32 copies?")

@@ -32,8 +32,8 @@ import warnings
 
 import torch
 
+from .. import anchors
 from .base import Registry
-from .lab02_mixed_precision import anchors
 
 CHECKS = Registry(lab="03")
 
@@ -192,7 +192,7 @@ def optimizer_state_bytes(ns, ctx):
                                  "does the optimizer see frozen parameters?")
     out = {"lora_state_bytes": lora_state, "lora_peak_bytes": rep.peak_allocated_bytes}
     if real:
-        anchor = anchors()[GPU_ANCHOR]["peak_steady_GiB"]
+        anchor = anchors.row(GPU_ANCHOR)["peak_steady_GiB"]
         budget = anchor * GPU_MARGIN * GiB
         assert rep.peak_allocated_bytes <= budget, (f"LoRA step peak {rep.peak_allocated_bytes / GiB:.2f} GiB > "
                                                    f"{budget / GiB:.2f} GiB (H200 anchor {anchor} x {GPU_MARGIN})")

@@ -29,14 +29,13 @@ Where the thresholds come from:
 from __future__ import annotations
 
 import copy
-import json
 from functools import lru_cache
-from importlib import resources
 
 import torch
 
 from ..checkpointing import checkpointing_active
 from ..profiler import GiB, fmt_bytes, measure
+from .. import anchors
 from .base import Registry
 
 CHECKS = Registry(lab="05")
@@ -45,11 +44,6 @@ MAX_RATIO_EVERY_BLOCK = 0.35
 RATIO_RANGE_EVERY_OTHER = (0.35, 0.8)
 GPU_MARGIN = 1.15
 ANCHOR_ROW = "gpt2 B8 S512 fp32 ckpt adamw(fused)"
-
-
-def anchor(name: str) -> dict:
-    data = json.loads(resources.files("memopt_lib").joinpath("assets/h200_anchors.json").read_text())
-    return next(r for r in data["rows"] if r["name"] == name)
 
 
 @lru_cache(maxsize=1)
@@ -192,7 +186,7 @@ def gpu_budget_gpt2(ns, ctx):
         opt.step()
 
     rep = measure(step, device=ctx.device, model=model, optimizer=opt, warmup=2, timeline=False)
-    budget = anchor(ANCHOR_ROW)["peak_steady_GiB"] * GPU_MARGIN * GiB
+    budget = anchors.row(ANCHOR_ROW)["peak_steady_GiB"] * GPU_MARGIN * GiB
     assert rep.peak_allocated_bytes <= budget, (
         f"peak {fmt_bytes(rep.peak_allocated_bytes)} > budget {fmt_bytes(budget)} (H200 anchor x {GPU_MARGIN})")
     return {"peak_allocated_bytes": rep.peak_allocated_bytes, "budget_bytes": int(budget)}

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from .. import anchors
 from .base import Registry
 
 CHECKS = Registry(lab="06")
@@ -88,10 +89,7 @@ def footprint_prediction(ns, ctx):
                 f"{name}, {bits}-bit, double_quant={dq}: predicted {got:,.0f} B, the arithmetic gives {want:,.0f} B. "
                 "Quantized: the linear layers of the blocks (GPT-2's Conv1D too), not lm_head; the rest "
                 "(embeddings, norms, biases) costs other_bytes per weight; 8-bit adds one fp32 scale per output row")
-    import json
-    from importlib import resources
-    anchors = json.loads(resources.files("memopt_lib").joinpath("assets/h200_anchors.json").read_text())
-    anchor = next(r["loaded_GiB"] for r in anchors["rows"] if r["name"].startswith("7b") and "dq=True" in r["name"])
+    anchor = next(r["loaded_GiB"] for r in anchors.load()["rows"] if r["name"].startswith("7b") and "dq=True" in r["name"])
     pred7b = f(model_config("llama-7b"), bits=4, double_quant=True, other_bytes=2) / 1024**3
     assert abs(pred7b / anchor - 1) < 0.02, f"7B NF4+dq: predicted {pred7b:.3f} GiB, the H200 loaded {anchor} GiB"
     out = {"pred_7b_GiB": pred7b, "anchor_7b_GiB": anchor}
