@@ -18,7 +18,7 @@ from pathlib import Path
 from queue import Queue
 from types import ModuleType
 
-from ..checks.base import STATUSES, Registry
+from ..checks.base import STATUSES, CheckResult, Registry
 from .rebuild import Ungradable, find_notebook, rebuild
 from .sandbox import Limits, Outcome, UidPool, run_child
 
@@ -63,14 +63,9 @@ class Lab:
         return paths
 
 
-@dataclass
-class CheckOutcome:
-    name: str
-    status: str
-    score: float
-    max_score: float
-    message: str = ""
-    measurements: dict = field(default_factory=dict)
+# The grader's record of a check is the same plain data a notebook's check run produces
+# (name, status, score, max_score, message, measurements); only the grader fills it, from the child's report.
+CheckOutcome = CheckResult
 
 
 @dataclass
