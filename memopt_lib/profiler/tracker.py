@@ -273,6 +273,9 @@ class MemoryTracker(TorchDispatchMode):
                     pass
         self.start_bytes = self.current_bytes
         self.peak_bytes = self.current_bytes
+        # the baseline's registration is not part of the region: the timeline starts at the start bytes
+        self._events = 0
+        self._timeline = [TimelinePoint(0, self.current_bytes, self.phase)] if self.keep_timeline else []
         self._peak_sizes = {e.serial: e.nbytes for e in self._live.values()}
         self._phase_peak = {p: 0 for p in PHASES}
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
