@@ -38,3 +38,15 @@ def test_checks_fail_on_unsolved_lab(lab, topic):
     results = run_checks(registry(lab), namespace_from(lab_nb, sol), _ctx())
     assert results and all(r.status != "passed" for r in results), [(r.name, r.status) for r in results]
     assert all(r.score == 0 for r in results)
+
+
+def test_gpu_budget_helper_uses_the_anchor_and_a_margin():
+    from memopt_lib import anchors
+    from memopt_lib.checks.base import within_anchor_budget
+    row = "gpt2 B8 S512 fp32 adamw(fused)"
+    budget = anchors.row(row)["peak_steady_GiB"] * 1.1 * 1024**3
+    assert within_anchor_budget(int(budget) - 1, row, 1.1)["budget_bytes"] == int(budget)
+    with pytest.raises(AssertionError, match="budget"):
+        within_anchor_budget(int(budget) + 1024, row, 1.1)
+    with pytest.raises(KeyError, match="no anchor row"):
+        within_anchor_budget(1, "gpt2 B9", 1.1)

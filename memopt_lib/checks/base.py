@@ -102,6 +102,19 @@ class Registry:
         return iter(self.checks)
 
 
+def within_anchor_budget(peak_allocated_bytes: int, anchor_row: str, margin: float) -> dict:
+    """The GPU budget of a check: an H200 anchor's steady peak times ``margin`` (other GPUs' kernels differ).
+
+    Raises ``AssertionError`` with both numbers when the peak is over; returns the measurements otherwise.
+    """
+    from .. import anchors
+    from ..profiler import GiB, fmt_bytes
+    budget = anchors.row(anchor_row)["peak_steady_GiB"] * margin * GiB
+    assert peak_allocated_bytes <= budget, (
+        f"peak {fmt_bytes(peak_allocated_bytes)} > budget {fmt_bytes(budget)} (H200 anchor '{anchor_row}' x {margin})")
+    return {"peak_allocated_bytes": int(peak_allocated_bytes), "budget_bytes": int(budget)}
+
+
 def run_check(check: Check, ns: Mapping[str, Any], ctx: CheckContext) -> CheckResult:
     """Run one check in this process and classify the outcome."""
     missing = [n for n in check.needs if n not in ns]

@@ -31,9 +31,8 @@ from functools import lru_cache
 import torch
 
 from ..accumulation import accumulate, count_target_tokens, gradient_error, gradients, split_batch
-from ..profiler import GiB, fmt_bytes, measure
-from .. import anchors
-from .base import Registry
+from ..profiler import fmt_bytes, measure
+from .base import Registry, within_anchor_budget
 
 CHECKS = Registry(lab="04")
 GRAD_RTOL, GRAD_ATOL = 1e-6, 1e-9
@@ -174,7 +173,4 @@ def gpu_budget_gpt2(ns, ctx):
         opt.step()
 
     rep = measure(step, device=ctx.device, model=model, optimizer=opt, warmup=2, timeline=False)
-    budget = anchors.row(ANCHOR_ROW)["peak_steady_GiB"] * GPU_MARGIN * GiB
-    assert rep.peak_allocated_bytes <= budget, (
-        f"peak {fmt_bytes(rep.peak_allocated_bytes)} > budget {fmt_bytes(budget)} (H200 anchor x {GPU_MARGIN})")
-    return {"peak_allocated_bytes": rep.peak_allocated_bytes, "budget_bytes": int(budget)}
+    return within_anchor_budget(rep.peak_allocated_bytes, ANCHOR_ROW, GPU_MARGIN)

@@ -34,9 +34,8 @@ from functools import lru_cache
 import torch
 
 from ..checkpointing import checkpointing_active
-from ..profiler import GiB, fmt_bytes, measure
-from .. import anchors
-from .base import Registry
+from ..profiler import measure
+from .base import Registry, within_anchor_budget
 
 CHECKS = Registry(lab="05")
 RTOL, ATOL = 1e-5, 1e-6
@@ -186,9 +185,6 @@ def gpu_budget_gpt2(ns, ctx):
         opt.step()
 
     rep = measure(step, device=ctx.device, model=model, optimizer=opt, warmup=2, timeline=False)
-    budget = anchors.row(ANCHOR_ROW)["peak_steady_GiB"] * GPU_MARGIN * GiB
-    assert rep.peak_allocated_bytes <= budget, (
-        f"peak {fmt_bytes(rep.peak_allocated_bytes)} > budget {fmt_bytes(budget)} (H200 anchor x {GPU_MARGIN})")
-    return {"peak_allocated_bytes": rep.peak_allocated_bytes, "budget_bytes": int(budget)}
+    return within_anchor_budget(rep.peak_allocated_bytes, ANCHOR_ROW, GPU_MARGIN)
 
 
