@@ -258,6 +258,15 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def state_after_one_step(model: torch.nn.Module, batch: dict, optimizer_cls, **kwargs) -> int:
+    """Optimizer-state bytes once ``optimizer_cls`` has taken one step on ``batch`` (states are created lazily)."""
+    opt = optimizer_cls(model.parameters(), **kwargs)
+    model(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return optimizer_state_bytes(opt)
+
+
 def quantized_modules(model: torch.nn.Module) -> dict[str, list[str]]:
     """Names of the layers by storage: ``{"4bit": [...], "8bit": [...], "unquantized": [...]}``."""
     import bitsandbytes as bnb

@@ -5,7 +5,6 @@ import pytest
 
 from memopt_lib.checks import CheckContext, lab_topics, registry, run_checks
 from memopt_lib.notebook import namespace_from
-from memopt_lib.profiles import pick_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS = sorted(lab_topics().items())
@@ -17,8 +16,7 @@ def _paths(lab, topic):
 
 
 def _ctx():
-    prof = pick_profile()
-    return CheckContext(prof.device, prof, seed=1234)
+    return CheckContext.here(seed=1234)
 
 
 @pytest.mark.slow

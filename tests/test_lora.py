@@ -12,7 +12,6 @@ from memopt_lib.lora import (adapter_optimizer, apply_lora, linear_layers, lora_
 from memopt_lib.models import load_model, meta_model, model_config
 from memopt_lib.notebook import namespace_from
 from memopt_lib.profiler import measure, train_step_fn
-from memopt_lib.profiles import pick_profile
 from memopt_lib.text import random_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,8 +115,7 @@ def test_cuda_lora_step_has_lower_peak_than_full():
 
 
 def _ctx():
-    prof = pick_profile()
-    return CheckContext(prof.device, prof, seed=11)
+    return CheckContext.here(seed=11)
 
 
 def test_lab03_checks_catch_linear_only_counting_and_wrong_fan_in_fan_out():

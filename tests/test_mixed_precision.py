@@ -12,7 +12,6 @@ from memopt_lib.mixed_precision import (PrecisionConfig, apply_precision, autoca
 from memopt_lib.models import load_model
 from memopt_lib.notebook import namespace_from
 from memopt_lib.profiler import measure
-from memopt_lib.profiles import pick_profile
 from memopt_lib.text import random_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,8 +155,7 @@ def test_cuda_autocast_lowers_the_peak_and_fp16_gets_a_scaler():
 
 # ---------------------------------------------------------------- lab 02
 def _ctx():
-    prof = pick_profile()
-    return CheckContext(prof.device, prof, seed=7)
+    return CheckContext.here(seed=7)
 
 
 def test_lab02_checks_catch_a_step_without_autocast_or_scaler():

@@ -72,6 +72,13 @@ class CheckContext:
     def __post_init__(self):
         self.rng = random.Random(self.seed)
 
+    @classmethod
+    def here(cls, seed: int = 0) -> "CheckContext":
+        """The context of this machine: its hardware profile's device and shapes."""
+        from ..profiles import pick_profile
+        prof = pick_profile()
+        return cls(prof.device, prof, seed)
+
     @property
     def is_gpu(self) -> bool:
         return self.device.type == "cuda"
@@ -145,9 +152,7 @@ def run_check(check: Check, ns: Mapping[str, Any], ctx: CheckContext) -> CheckRe
 def run_checks(registry: Registry, ns: Mapping[str, Any], ctx: CheckContext | None = None,
                only: Iterable[str] | None = None) -> list[CheckResult]:
     if ctx is None:
-        from ..profiles import pick_profile
-        prof = pick_profile()
-        ctx = CheckContext(prof.device, prof)
+        ctx = CheckContext.here()
     wanted = set(only) if only else None
     return [run_check(c, ns, ctx) for c in registry if wanted is None or c.name in wanted]
 

@@ -111,7 +111,7 @@ def adam8bit_state(ns, ctx):
 
     from ..models import load_model
     from ..quantization import adamw8bit_state_bytes as ref
-    from ..quantization import optimizer_state_bytes
+    from ..quantization import state_after_one_step
     from ..text import random_batch
     f = ns["adamw8bit_state_bytes"]
     for _ in range(5):
@@ -123,14 +123,8 @@ def adam8bit_state(ns, ctx):
             "two shared 256-entry fp32 quantization maps")
     model = load_model("gpt2-tiny").to(ctx.device)
     batch = random_batch(model.config.vocab_size, 2, 16, device=ctx.device)
-    measured = {}
-    for cls in (torch.optim.AdamW, bnb.optim.AdamW8bit):
-        opt = cls(model.parameters(), lr=1e-4)
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        measured[cls.__name__] = optimizer_state_bytes(opt)
-        del opt
+    measured = {cls.__name__: state_after_one_step(model, batch, cls, lr=1e-4)
+                for cls in (torch.optim.AdamW, bnb.optim.AdamW8bit)}
     pred = f([p.numel() for p in model.parameters()])
     got = measured["AdamW8bit"]
     assert abs(pred / got - 1) < 0.005, f"predicted {pred:,} B of AdamW8bit state, measured {got:,} B"
