@@ -73,3 +73,8 @@ def test_lab01_end_to_end(tmp_path, monkeypatch):
     assert rows["wrong"]["training_state_matches_profiler_status"] == "passed"
     assert (rows["untouched"]["status"], rows["untouched"]["score"]) == ("graded", "0")
     assert (rows["tamper"]["status"], rows["tamper"]["score"]) == ("tampering", "0"), rows["tamper"]
+    assert rows["honest"]["lab"] == "lab01" and float(rows["honest"]["peak_allocated_MiB"]) > 0
+    assert rows["wrong"]["peak_allocated_MiB"], "memory is reported for a failing submission too"
+    page = (out / "feedback" / "honest.html").read_text()
+    assert "Measured memory" in page and "weights" in page and "Your explanations" in page
+    assert "gap-answer-md" in (out / "explanations.html").read_text()
