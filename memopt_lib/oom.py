@@ -114,12 +114,14 @@ class simulated_budget(MemoryTracker):
 
 def live_bytes_per_step(step: Callable[[], object], steps: int, device: str | torch.device = "cpu") -> list[int]:
     """Live tensor bytes on ``device`` after each of ``steps`` calls: a leak shows as a rising line."""
+    from .profiler.measure import progress
     out = []
-    with MemoryTracker(device) as tracker:
+    with MemoryTracker(device) as tracker, progress(steps, "steps") as bar:
         for _ in range(steps):
             step()
             gc.collect()
             out.append(tracker.current_bytes)
+            bar.update()
     return out
 
 
@@ -129,14 +131,20 @@ def max_batch_size(peak_for_batch: Callable[[int], int], budget_bytes: int, uppe
     Returns ``(batch, calls)``. ``peak_for_batch`` must be non-decreasing in the batch size (it is, for a
     training step). 0 means not even batch 1 fits.
     """
+    from .profiler.measure import progress
     calls = 0
+    bar = progress(None, "batch sizes tried")
 
     def fits(b):
         nonlocal calls
         calls += 1
-        return peak_for_batch(b) <= budget_bytes
+        bar.set_postfix_str(f"batch {b}", refresh=False)
+        ok = peak_for_batch(b) <= budget_bytes
+        bar.update()
+        return ok
 
     if not fits(1):
+        bar.close()
         return 0, calls
     lo, hi = 1, 2
     while hi <= upper and fits(hi):
@@ -145,4 +153,5 @@ def max_batch_size(peak_for_batch: Callable[[int], int], budget_bytes: int, uppe
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    bar.close()
     return lo, calls
