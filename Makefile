@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml
 	@echo "[memopt] installing $(TORCH), the largest download (pip shows its progress)"
 	$(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install -e ".[dev]"
-	@# one kernel, inside the venv (a kernel named `memopt` in ~/.local from older versions is removed)
+# one kernel, inside the venv (a kernel named `memopt` in ~/.local from older versions is removed)
 	-@$(PY) -m jupyter kernelspec remove -y memopt >/dev/null 2>&1
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (memopt)"
 	@touch $(STAMP)

@@ -164,7 +164,12 @@ class MemoryCallback(TrainerCallback):
             state.log_history[-1].update(entries)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._tracker is not None:  # training stopped inside a tracked step
+        self.close()
+
+    def close(self) -> None:
+        """Stop a tracker left open by a step that raised (an OOM inside ``trainer.train()``, say): the Trainer
+        calls no callback after an exception, and an open tracker would keep counting every later operation."""
+        if self._tracker is not None:
             self._tracker.__exit__(None, None, None)
         self._tracker, self._open = None, False
 

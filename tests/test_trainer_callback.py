@@ -90,3 +90,35 @@ def test_sft_trainer_logs_the_peak(tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all(h["mem_peak_MiB"] > 0 for h in logged)
     assert memory.peak.breakdown_bytes["optimizer"] >= 2 * _param_bytes(model)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_peak_is_the_allocators_and_breakdown_is_optional(tmp_path):
+    model = load_model("gpt2-tiny").to("cuda")
+    ds = _dataset(model.config.vocab_size)
+    memory = MemoryCallback()
+    Trainer(model=model, args=_args(tmp_path, use_cpu=False), train_dataset=ds, callbacks=[memory]).train()
+    r = memory.history[-1]
+    assert r.source == "cuda" and r.device.startswith("cuda")
+    assert sum(r.breakdown_bytes.values()) == r.peak_allocated_bytes  # "unattributed" closes the gap
+    assert r.breakdown_bytes["optimizer"] >= 2 * _param_bytes(model) and r.breakdown_bytes["weights"] > 0
+    fast = MemoryCallback(breakdown=False)
+    Trainer(model=model, args=_args(tmp_path, use_cpu=False), train_dataset=ds, callbacks=[fast]).train()
+    assert fast.history and fast.history[-1].breakdown_bytes == {} and fast.history[-1].peak_allocated_bytes > 0
+
+
+def test_a_step_that_raises_leaves_no_tracker_running_after_close(tmp_path):
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    model = load_model("gpt2-tiny")
+    memory = MemoryCallback()
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(model.config.vocab_size),
+                      callbacks=[memory])
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("simulated")
+    trainer.compute_loss = boom
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train()
+    assert any(type(m).__name__ == "MemoryTracker" for m in _get_current_dispatch_mode_stack())
+    memory.close()
+    assert not any(type(m).__name__ == "MemoryTracker" for m in _get_current_dispatch_mode_stack())
