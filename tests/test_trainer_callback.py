@@ -122,3 +122,15 @@ def test_a_step_that_raises_leaves_no_tracker_running_after_close(tmp_path):
     assert any(type(m).__name__ == "MemoryTracker" for m in _get_current_dispatch_mode_stack())
     memory.close()
     assert not any(type(m).__name__ == "MemoryTracker" for m in _get_current_dispatch_mode_stack())
+
+
+def test_attach_shows_the_peak_on_the_terminal_progress_bar(tmp_path, capfd):
+    model = load_model("gpt2-tiny")
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2, disable_tqdm=False),
+                      train_dataset=_dataset(model.config.vocab_size))
+    memory = MemoryCallback.attach(trainer)
+    assert trainer.callback_handler.callbacks[0] is memory  # first: every reporter sees the numbers
+    trainer.train()
+    shown = capfd.readouterr()
+    assert "it, peak " in shown.err and "MiB]" in shown.err  # the bar's postfix
+    assert "'mem_peak_MiB'" in shown.out  # the logs the bar prints (tqdm.write goes to stdout)
