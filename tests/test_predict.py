@@ -1,0 +1,137 @@
+"""The GPU-peak predictor: allocator rules, CUDA's kernel choices on meta tensors, and the H200 anchors."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memopt_lib.predict import CachingAllocator, gpu, predict_ladder, predict_step
+from memopt_lib.predict.allocator import LARGE_BUFFER, SMALL_BUFFER, round_size, segment_size
+from memopt_lib.predict.replay import AllocatorReplay, CudaSemantics, cuda_autocast
+
+MiB = 1 << 20
+
+
+# ------------------------------------------------------------------ allocator
+def test_rounding_and_segment_sizes():
+    assert round_size(1) == 512 and round_size(512) == 512 and round_size(513) == 1024
+    assert segment_size(MiB) == SMALL_BUFFER            # small pool: 2 MiB segments
+    assert segment_size(MiB + 512) == LARGE_BUFFER      # 1-10 MiB: a 20 MiB segment, split
+    assert segment_size(11 * MiB) == 12 * MiB           # >= 10 MiB: rounded up to 2 MiB
+
+
+def test_split_merge_and_reuse():
+    a = CachingAllocator()
+    hs = [a.malloc(3 * MiB) for _ in range(6)]           # six 3 MiB blocks share one 20 MiB segment
+    assert a.reserved_bytes == LARGE_BUFFER and a.allocated_bytes == 18 * MiB
+    for h in hs[::2]:
+        a.free(h)
+    big = a.malloc(6 * MiB)                              # no free 6 MiB hole: a second segment
+    assert a.reserved_bytes == 2 * LARGE_BUFFER and a.block_size(big) == 6 * MiB
+    for h in hs[1::2] + [big]:
+        a.free(h)
+    assert a.allocated_bytes == 0 and a.peak_allocated_bytes == 18 * MiB
+    assert [s for s, _, _ in a._free[False]] == [LARGE_BUFFER, LARGE_BUFFER]  # neighbours merged back
+    a.empty_cache()
+    assert a.reserved_bytes == 0
+
+
+def test_unsplit_remainder_counts_as_allocated():
+    a = CachingAllocator()
+    h = a.malloc(19 * MiB + 512 * 1024)                  # < 10 MiB? no: rounded segment of 20 MiB exactly
+    a.free(h)
+    h2 = a.malloc(19 * MiB)                              # 1 MiB left: not > 1 MiB, the whole block is used
+    assert a.block_size(h2) == 20 * MiB and a.allocated_bytes == 20 * MiB
+
+
+# ------------------------------------------------------------------ GPUs
+def test_gpus():
+    assert not gpu("t4").native_bf16 and gpu("a100").native_bf16
+    assert gpu("h200").cublas_workspace_bytes == 32 * MiB
+    assert gpu("T4").cublas_workspace_bytes == 8 * MiB + 128 * 1024
+    with pytest.raises(KeyError, match="choose one of"):
+        gpu("rtx9090")
+
+
+# ------------------------------------------------------------------ CUDA semantics on meta
+def _attn_inputs(dtype):
+    q = torch.empty(2, 4, 128, 64, device="meta", dtype=dtype, requires_grad=True)
+    return q, q * 1, q * 1
+
+
+@pytest.mark.parametrize("name,dtype,backend", [("h200", torch.bfloat16, "flash"), ("h200", torch.float32, "efficient"),
+                                                ("t4", torch.float16, "efficient")])
+def test_sdpa_backend_keeps_no_attention_matrix(name, dtype, backend):
+    saved = []
+    sem = CudaSemantics(gpu(name))
+    q, k, v = _attn_inputs(dtype)
+    with sem, torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True)
+    assert sem.sdpa_backends == {backend: 1}
+    assert max(t.numel() for t in saved) < 128 * 128 * 8, "no B x H x S x S tensor may be saved"
+
+
+def test_dropout_saves_a_bool_mask_and_autocast_caches_trainable_weights():
+    sem = CudaSemantics(gpu("h200"))
+    w = torch.nn.Parameter(torch.empty(64, 64, device="meta"))
+    frozen = torch.empty(64, 64, device="meta")
+    x = torch.empty(8, 64, device="meta", requires_grad=True)
+    saved = []
+    with sem, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        F.dropout(x, 0.1, True)
+        assert saved[-1].dtype == torch.bool                           # CUDA's native_dropout mask
+        with cuda_autocast(torch.bfloat16):
+            y1, y2 = F.linear(x, w), F.linear(x, w)
+            f1, f2 = F.linear(x, frozen), F.linear(x, frozen)
+            assert y1.dtype == torch.bfloat16 and torch.pow(y1, 2).dtype == torch.float32
+    w_copies = {t.untyped_storage()._cdata for t in saved if t.shape == (64, 64) and t.dtype == torch.bfloat16}
+    assert len(w_copies) == 1 + 2, "one cached copy of the trainable weight, a fresh copy per use of the frozen one"
+
+
+# ------------------------------------------------------------------ the step
+def test_predict_step_small_and_errors():
+    p = predict_step("h200", "gpt2-tiny", 2, 64, "autocast", steps=2)
+    bd = p["breakdown_bytes"]
+    assert p["predicted"] and p["peak_allocated_bytes"] >= sum(v for k, v in bd.items() if k != "workspaces")
+    assert p["peak_reserved_bytes"] >= p["peak_allocated_bytes"]
+    assert bd["workspaces"] == 2 * 32 * MiB            # forward thread + autograd's device thread
+    assert p["sdpa_backends"] == {"flash": 4}           # 2 layers x 2 steps
+    assert p["state_bytes"]["optimizer"] == 2 * p["state_bytes"]["weights"]
+    with pytest.raises(KeyError, match="rows"):
+        predict_step("h200", "gpt2-tiny", 2, 64, "no such row")
+    with pytest.raises(ValueError, match="batch"):
+        predict_step("h200", "gpt2-tiny", 0, 64)
+
+
+def test_ladder_rows_match_the_bench():
+    from memopt_lib.bench import LADDER
+    rows = predict_ladder("t4", "gpt2-tiny", 2, 32, ["checkpointing"])
+    assert [r["name"] for r in rows] == [LADDER[0].name, "checkpointing"]
+    assert all(r["predicted"] and r["device"] == "predicted:t4" and r["status"] == "ok" for r in rows)
+    assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] < 1.0
+
+
+def test_cli_json(tmp_path, capsys):
+    from memopt_lib.predict.ladder import main
+    out = tmp_path / "p.json"
+    assert main(["--gpu", "a100", "--model", "gpt2-tiny", "--batch", "2", "--seq", "32", "--rows", "LoRA r16",
+                 "--json", str(out)]) == 0
+    assert "(predicted)" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert {"name", "peak_allocated_bytes", "peak_reserved_bytes", "breakdown_bytes", "flags"} <= set(rows[0])
+    assert rows[1]["trainable_params"] < rows[0]["trainable_params"]
+
+
+# ------------------------------------------------------------------ the H200 anchors
+@pytest.mark.slow
+def test_every_h200_measurement_within_5_percent_never_2_under():
+    from memopt_lib.predict.anchors import compare
+    bad = []
+    for r in compare():
+        for what in ("steady", "step1"):
+            if what in r:
+                e = r[what]["rel_error"]
+                if not (-0.02 <= e <= 0.05):
+                    bad.append(f"{r['name']} [{what}]: predicted {r[what]['predicted_bytes'] / 2**30:.3f} GiB, "
+                               f"measured {r[what]['measured_bytes'] / 2**30:.3f} GiB ({e:+.1%})")
+    assert not bad, "\n".join(bad)
