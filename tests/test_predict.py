@@ -108,7 +108,8 @@ def test_ladder_rows_match_the_bench():
     rows = predict_ladder("t4", "gpt2-tiny", 2, 32, ["checkpointing"])
     assert [r["name"] for r in rows] == [LADDER[0].name, "checkpointing"]
     assert all(r["predicted"] and r["device"] == "predicted:t4" and r["status"] == "ok" for r in rows)
-    assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] < 1.0
+    assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] <= 1.0  # tiny: the two cuBLAS workspaces dominate
+    assert rows[1]["breakdown_bytes"]["activations"] < rows[0]["breakdown_bytes"]["activations"] / 2
 
 
 def test_cli_json(tmp_path, capsys):
