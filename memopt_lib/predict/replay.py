@@ -29,7 +29,8 @@ A meta tensor has a shape, a dtype and a storage size but no data, so a whole tr
    :class:`~memopt_lib.predict.allocator.CachingAllocator`: 512-byte rounding, pools, segments,
    splitting. Kernel workspaces that never appear as tensors are added where the kernel runs:
    one cuBLAS workspace per thread that runs a matmul (forward thread, autograd's device thread),
-   and bitsandbytes' dequantised weight in its 4-bit matmul (:mod:`memopt_lib.predict.bnb4bit`).
+   FlashAttention-2's backward scratch (``softmax_d`` and an fp32 ``dq_accum``), and bitsandbytes'
+   dequantised weight in its 4-bit matmul (:mod:`memopt_lib.predict.bnb4bit`).
 """
 from __future__ import annotations
 
@@ -375,3 +376,20 @@ _KERNEL_SCRATCH: dict[str, object] = {}
 def register_scratch(op_name: str, fn) -> None:
     """Declare the scratch buffers a CUDA kernel allocates behind ATen's back (freed when it returns)."""
     _KERNEL_SCRATCH[op_name] = fn
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _flash_backward_scratch(replay, args, kwargs):
+    """FlashAttention-2's ``mha_bwd`` (PyTorch's ``flash_api.cpp``): ``softmax_d`` (B, H, S_q rounded to
+    128) and the fp32 ``dq_accum`` (B, S_q rounded to 128, H, head_dim rounded to 32), for the call."""
+    q = args[1]
+    b, h, s, d = q.shape
+    sr = _round_up(s, 128)
+    dr = _round_up(d, 32) if d <= 192 else 256
+    return [replay.transient(b * h * sr * 4), replay.transient(b * sr * h * dr * 4)]
+
+
+register_scratch("aten::_scaled_dot_product_flash_attention_backward", _flash_backward_scratch)
