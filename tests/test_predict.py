@@ -60,7 +60,7 @@ def _attn_inputs(dtype):
 
 
 @pytest.mark.parametrize("name,dtype,backend", [("h200", torch.bfloat16, "flash"), ("h200", torch.float32, "efficient"),
-                                                ("t4", torch.float16, "efficient")])
+                                                ("t4", torch.float16, "efficient"), ("t4", torch.bfloat16, "math")])
 def test_sdpa_backend_keeps_no_attention_matrix(name, dtype, backend):
     saved = []
     sem = CudaSemantics(gpu(name))
@@ -68,7 +68,11 @@ def test_sdpa_backend_keeps_no_attention_matrix(name, dtype, backend):
     with sem, torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True)
     assert sem.sdpa_backends == {backend: 1}
-    assert max(t.numel() for t in saved) < 128 * 128 * 8, "no B x H x S x S tensor may be saved"
+    biggest = max(t.numel() for t in saved)
+    if backend == "math":  # no bf16 kernel before sm80: the math path keeps the probabilities
+        assert biggest == 2 * 4 * 128 * 128
+    else:
+        assert biggest < 128 * 128 * 8, "no B x H x S x S tensor may be saved"
 
 
 def test_dropout_saves_a_bool_mask_and_autocast_caches_trainable_weights():
@@ -148,11 +152,13 @@ def test_cli_json(tmp_path, capsys):
 def test_every_h200_measurement_within_5_percent_never_2_under():
     from memopt_lib.predict.anchors import compare
     bad = []
-    for r in compare():
-        for what in ("steady", "step1"):
+    results = compare()
+    assert len(results) >= 30
+    for r in results:
+        for what, lo, hi in (("steady", -0.02, 0.05), ("step1", -0.02, 0.05), ("reserved", -0.10, 0.10)):
             if what in r:
                 e = r[what]["rel_error"]
-                if not (-0.02 <= e <= 0.05):
+                if not (lo <= e <= hi):
                     bad.append(f"{r['name']} [{what}]: predicted {r[what]['predicted_bytes'] / 2**30:.3f} GiB, "
                                f"measured {r[what]['measured_bytes'] / 2**30:.3f} GiB ({e:+.1%})")
     assert not bad, "\n".join(bad)

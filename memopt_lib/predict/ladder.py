@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--plot", default=None, help="write a bar chart (PNG) to this file")
     args = p.parse_args(argv)
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, once per row
     if args.batch < 1 or args.seq < 1:
         p.error("--batch and --seq must be >= 1")
     names = [s.strip() for s in args.rows.split(",") if s.strip()]

@@ -189,7 +189,9 @@ class CudaSemantics(TorchFunctionMode):
                 and (q.dtype != torch.bfloat16 or self.gpu.native_bf16)):
             return "flash"
         align = 8 if half else 4
-        if d % align == 0 and v.shape[-1] % align == 0 and q.shape[-1] == k.shape[-1]:
+        # the memory-efficient kernel takes bf16 only from sm80 (sdp_utils: less_than_sm80_mem_efficient_dtypes)
+        dtype_ok = q.dtype != torch.bfloat16 or self.gpu.native_bf16
+        if dtype_ok and d % align == 0 and v.shape[-1] % align == 0 and q.shape[-1] == k.shape[-1]:
             return "efficient"
         return "math"
 
@@ -212,8 +214,20 @@ class CudaSemantics(TorchFunctionMode):
                 attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
             return torch.ops.aten._scaled_dot_product_efficient_attention(
                 query, key, value, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
-        return torch.ops.aten._scaled_dot_product_attention_math(
-            query, key, value, attn_mask, dropout_p, is_causal, scale=scale)[0]
+        # the math path, op by op as ``_scaled_dot_product_attention_math`` runs them on CUDA: it keeps the
+        # B x H x S x S probabilities (and dropout's bool mask) for backward
+        s = scale if scale is not None else query.shape[-1] ** -0.5
+        attn = query @ (key.transpose(-2, -1) * s)
+        if is_causal:
+            L, S = query.shape[-2], key.shape[-2]
+            causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+            attn = attn.masked_fill(~causal, float("-inf"))
+        elif attn_mask is not None:
+            attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+        attn = torch.softmax(attn, -1)
+        if dropout_p > 0:
+            attn = self._dropout(attn, dropout_p, True)
+        return attn @ value
 
 
 # ------------------------------------------------------------------ the allocator replay
