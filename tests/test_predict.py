@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from memopt_lib.predict import CachingAllocator, gpu, predict_ladder, predict_step
 from memopt_lib.predict.allocator import LARGE_BUFFER, SMALL_BUFFER, round_size, segment_size
-from memopt_lib.predict.replay import AllocatorReplay, CudaSemantics, cuda_autocast
+from memopt_lib.predict.cuda_semantics import CudaSemantics, cuda_autocast
 
 MiB = 1 << 20
 

@@ -15,12 +15,15 @@ them with its real 4-bit LoRA layer and bitsandbytes' own Python (``Linear4bit.f
   scalar fp32 offset (``absmax.mean()``). Each tensor is its own allocation (rounded to 512 bytes).
 **loading**, in module order: each weight arrives in the load dtype (bf16) on the GPU and is quantized
   there, the bf16 copy freed afterwards (so the segments the allocator reserves include those copies).
-**the 4-bit matmul** (``bitsandbytes::gemm_4bit``, CUDA backend ``_dequant_linear_fallback``): for a
-  training-sized input (more than 1536 rows, and on sm90 whenever the row count is above bitsandbytes'
-  4-row floor -- its Hopper thresholds favour dequantize + ``F.linear``) the kernel dequantizes the
+**the 4-bit matmul** (``bitsandbytes::gemm_4bit``, CUDA backend ``_dequant_linear_fallback``): above
+  1536 input rows (every training shape of the course: batch x seq >= 2048) the kernel dequantizes the
   weight into a scratch tensor of the compute dtype (``N x K``; plus two fp32 ``absmax`` buffers with
-  double quantization) that lives for the call. ``MatMul4Bit`` saves only the packed weight for
-  backward, which dequantizes again (bitsandbytes' Python, replayed as is).
+  double quantization) that lives for the call. Between 5 and 1536 rows bitsandbytes picks per GPU and
+  shape between that path and a custom kernel that needs no scratch (``_gemm_4bit_use_custom_cuda``,
+  which needs a GPU to import); the predictor assumes the dequantize path there -- at most one
+  dequantized weight (86 MiB at 7B) too much, never too little. At 4 rows or fewer: the custom kernel.
+  ``MatMul4Bit`` saves only the packed weight for backward, which dequantizes again (bitsandbytes'
+  Python, replayed as is).
 **8-bit AdamW** (:class:`AdamW8bitStandIn`, after ``bnb.optim.Optimizer2State.init_state``): per
   parameter of at least 4096 elements two uint8 states of its shape and two fp32 ``absmax`` of
   ``ceil(n/256)`` blocks; smaller parameters get two fp32 states; two 256-value qmaps, shared. The update

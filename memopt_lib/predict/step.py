@@ -29,7 +29,8 @@ import torch
 
 from .allocator import CachingAllocator
 from .gpus import GPU, gpu as get_gpu
-from .replay import CATEGORIES, AllocatorReplay, CudaSemantics, _CACHE, cuda_autocast
+from .cuda_semantics import _CACHE, CudaSemantics, cuda_autocast
+from .replay import AllocatorReplay
 
 GiB = float(1 << 30)
 
