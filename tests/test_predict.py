@@ -105,6 +105,8 @@ def test_predict_step_small_and_errors():
         predict_step("h200", "gpt2-tiny", 2, 64, "no such row")
     with pytest.raises(ValueError, match="batch"):
         predict_step("h200", "gpt2-tiny", 0, 64)
+    with pytest.raises(ValueError, match="positions"):
+        predict_step("h200", "gpt2", 1, 4096)
 
 
 def test_qlora_4bit_storage_and_lora():
@@ -153,7 +155,7 @@ def test_every_h200_measurement_within_5_percent_never_2_under():
     from memopt_lib.predict.anchors import compare
     bad = []
     results = compare()
-    assert len(results) >= 30
+    assert len(results) >= 29  # 16 anchors, 11 bench rows, 2 foundation QLoRA runs
     for r in results:
         for what, lo, hi in (("steady", -0.02, 0.05), ("step1", -0.02, 0.05), ("reserved", -0.10, 0.10)):
             if what in r:

@@ -43,7 +43,7 @@ dequantize path is assumed: an upper bound); FlashAttention-2's 128-row and 32-c
 backward scratch (``flash_api.cpp``).
 
 Accuracy (``tests/test_predict.py``, every H200 measurement with a known configuration in the
-repository -- :mod:`memopt_lib.predict.anchors`): peak allocated within -1.1 % / +0.6 % of all 30
+repository -- :mod:`memopt_lib.predict.anchors`): peak allocated within -1.1 % / +0.6 % of all 29
 (GPT-2 ladder, eager attention, fp16 + scaler, LoRA, 8-bit AdamW, the 7B QLoRA rows at batch 1, 4, 8;
 steady-state and first-step peaks). Reserved memory depends on the exact order of allocations (and on
 how a checkpoint is loaded), so it is a looser prediction: within 10 % of the bench's measured

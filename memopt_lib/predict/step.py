@@ -155,6 +155,11 @@ def predict_step(gpu: str | GPU = "h200", model: str = "gpt2", batch: int = 8, s
     if batch < 1 or seq < 1:
         raise ValueError(f"batch and seq must be >= 1, got batch={batch}, seq={seq}")
     opts = StepOptions(**options)
+    from ..models import model_config
+    cfg = model_config(model)
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if limit and seq > limit:  # a GPU would fail with an index error; meta tensors would not notice
+        raise ValueError(f"{model} has {limit} positions; --seq {seq} is longer (choose seq <= {limit})")
     if isinstance(row, str):
         table = {r.name.lower(): r for r in rows_for(model)}
         if row.lower() not in table:
@@ -164,12 +169,21 @@ def predict_step(gpu: str | GPU = "h200", model: str = "gpt2", batch: int = 8, s
         raise TypeError(f"row must be a bench Row or a row name, got {type(row).__name__}")
     replay = AllocatorReplay(g, CachingAllocator())
     sem = CudaSemantics(g)
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-    peaks = []
     # the objects alive now (modules, imports) are never garbage: freezing them makes gc.collect() scan
     # only what the step creates (seconds -> milliseconds in a big process)
     gc.freeze()
+    try:
+        return _run(g, model, batch, seq, row, opts, replay, sem)
+    finally:
+        gc.unfreeze()
+
+
+def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, replay: AllocatorReplay,
+         sem: CudaSemantics) -> dict:
+    """Build, replay ``opts.steps`` steps, and read the allocator (see :func:`predict_step`)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
     from unittest import mock
+    peaks = []
     # fused AdamW checks for a GPU-like device; its meta kernel allocates exactly what the CUDA one does
     # (two moment buffers, a device-side step counter per tensor, no temporaries)
     with mock.patch("torch.optim.adam._device_dtype_check_for_fused", lambda p, cuda_unsupported=False: None), \
@@ -210,7 +224,6 @@ def predict_step(gpu: str | GPU = "h200", model: str = "gpt2", batch: int = 8, s
         finally:
             h1.remove()
             h2.remove()
-            gc.unfreeze()
     peak, reserved, sizes, phase = peaks[-1]
     return {"gpu": g.name, "model": model, "batch": batch, "seq": seq, "row": row.name,
             "options": {f: getattr(opts, f) for f in ("optimizer", "attn", "amp_dtype", "steps")},
