@@ -3,8 +3,9 @@
 A meta tensor has a shape, a dtype and a storage size but no data, so a whole training step of a
 7B model runs on a laptop in seconds and computes nothing. Two things make the bytes those of a GPU:
 :class:`~memopt_lib.predict.cuda_semantics.CudaSemantics` makes CUDA's kernel choices (attention,
-dropout, autocast), and :class:`AllocatorReplay` (a ``TorchDispatchMode``, like :mod:`memopt_lib.profiler.tracker`) sees every
-storage born and (through a weak reference) the moment it dies, and replays each one through
+dropout, autocast), and :class:`AllocatorReplay` (a ``TorchDispatchMode``, like
+:mod:`memopt_lib.profiler.tracker`) sees every storage born and (through a weak reference) the moment
+it dies, and replays each one through
 :class:`~memopt_lib.predict.allocator.CachingAllocator`: 512-byte rounding, pools, segments,
 splitting. Kernel workspaces that never appear as tensors are added where the kernel runs:
 one cuBLAS workspace per thread that runs a matmul (forward thread, autograd's device thread),

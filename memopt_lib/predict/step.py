@@ -71,6 +71,18 @@ def _autocast_cache_cleared_with_torch():
         _CACHE.clear()
 
 
+def _patch_if_present(target: str, new):
+    """``mock.patch`` when ``target`` exists in this torch/transformers version, else nothing to patch."""
+    import importlib
+    from unittest import mock
+    mod, attr = target.rsplit(".", 1)
+    try:
+        present = hasattr(importlib.import_module(mod), attr)
+    except ImportError:
+        present = False
+    return mock.patch(target, new) if present else contextlib.nullcontext()
+
+
 def _move_to_gpu(model: torch.nn.Module) -> None:
     """``model.to("cuda")``: one new storage per parameter/buffer, in ``Module._apply`` order."""
     done: set[int] = set()
@@ -182,12 +194,11 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
          sem: CudaSemantics) -> dict:
     """Build, replay ``opts.steps`` steps, and read the allocator (see :func:`predict_step`)."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-    from unittest import mock
     peaks = []
     # fused AdamW checks for a GPU-like device; its meta kernel allocates exactly what the CUDA one does
     # (two moment buffers, a device-side step counter per tensor, no temporaries)
-    with mock.patch("torch.optim.adam._device_dtype_check_for_fused", lambda p, cuda_unsupported=False: None), \
-            mock.patch("transformers.masking_utils.find_packed_sequence_indices", lambda position_ids: None), \
+    with _patch_if_present("torch.optim.adam._device_dtype_check_for_fused", lambda p, cuda_unsupported=False: None), \
+            _patch_if_present("transformers.masking_utils.find_packed_sequence_indices", lambda position_ids: None), \
             _autocast_cache_cleared_with_torch(), sem, replay, torch.autograd.graph.saved_tensors_hooks(
             replay.pack_hook, lambda x: x):
         m, opt, autocast, scaler, cfg = _build(row, model, g, opts, replay)
