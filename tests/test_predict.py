@@ -140,13 +140,16 @@ def test_ladder_rows_match_the_bench():
 
 def test_cli_json(tmp_path, capsys):
     from memopt_lib.predict.ladder import main
-    out = tmp_path / "p.json"
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
     assert main(["--gpu", "a100", "--model", "gpt2-tiny", "--batch", "2", "--seq", "32", "--rows", "LoRA r16",
-                 "--json", str(out)]) == 0
+                 "--json", str(out), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 1000
     assert "(predicted)" in capsys.readouterr().out
     rows = json.loads(out.read_text())
     assert {"name", "peak_allocated_bytes", "peak_reserved_bytes", "breakdown_bytes", "flags"} <= set(rows[0])
     assert rows[1]["trainable_params"] < rows[0]["trainable_params"]
+    with pytest.raises(SystemExit):
+        main(["--gpu", "a100", "--model", "gpt2-tiny", "--rows", "no such row"])
 
 
 # ------------------------------------------------------------------ the H200 anchors
