@@ -129,6 +129,29 @@ def test_qlora_4bit_storage_and_lora():
     assert extra > 0 and abs(extra - n // 64 * 3) < 0.02 * n / 64 * 3 + 64 * 512  # fp32 vs uint8 absmax
 
 
+def test_adamw8bit_standin_state_and_paging():
+    """bnb: uint8 states + fp32 absmax per 256 for tensors >= 4096 values; paged only from 1e5 values."""
+    from memopt_lib.predict.bnb4bit import AdamW8bitStandIn
+    from memopt_lib.predict.replay import AllocatorReplay
+    big, lora, bias = (torch.nn.Parameter(torch.empty(*s, device="meta")) for s in ((512, 512), (16, 4096), (100,)))
+    for p in (big, lora, bias):
+        p.grad = torch.empty_like(p)
+    grown = {}
+    for paged in (False, True):
+        replay = AllocatorReplay(gpu("h200"))
+        with replay:
+            before = replay.alloc.allocated_bytes
+            opt = AdamW8bitStandIn([big, lora, bias], paged=paged, replay=replay)
+            opt.step()
+            grown[paged] = replay.alloc.allocated_bytes - before
+        assert opt.state[big]["state1"].dtype == torch.uint8 and opt.state[bias]["state1"].dtype == torch.float32
+        assert opt.state[big]["absmax1"].numel() == 512 * 512 // 256
+    # absmax (2 x 1024 + 2 x 256 floats), qmaps (2 x 256 floats), bias states (2 x 100 floats): 512-byte blocks
+    small = 2 * 4096 + 2 * 1024 + 2 * 1024 + 2 * 512
+    assert grown[False] == 2 * 512 * 512 + 2 * 16 * 4096 + small
+    assert grown[True] == 2 * 16 * 4096 + small  # the 512 x 512 tensor's states are paged: not allocator memory
+
+
 def test_ladder_rows_match_the_bench():
     from memopt_lib.bench import LADDER
     rows = predict_ladder("t4", "gpt2-tiny", 4, 256, ["checkpointing"])

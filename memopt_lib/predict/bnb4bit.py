@@ -27,8 +27,10 @@ them with its real 4-bit LoRA layer and bitsandbytes' own Python (``Linear4bit.f
 **8-bit AdamW** (:class:`AdamW8bitStandIn`, after ``bnb.optim.Optimizer2State.init_state``): per
   parameter of at least 4096 elements two uint8 states of its shape and two fp32 ``absmax`` of
   ``ceil(n/256)`` blocks; smaller parameters get two fp32 states; two 256-value qmaps, shared. The update
-  kernel works in place. Paged (``PagedAdamW8bit``): the states live in CUDA unified memory
-  (``cudaMallocManaged``), outside the caching allocator, so they are not counted in ``allocated``.
+  kernel works in place. Paged (``PagedAdamW8bit``): the states of tensors of at least 1e5 elements
+  live in CUDA unified memory (``cudaMallocManaged``, ``Optimizer8bit.get_state_buffer``), outside the
+  caching allocator, so they are not counted in ``allocated``; smaller ones (the 7B's 16 x 4096 LoRA
+  matrices) stay ordinary device tensors.
 """
 from __future__ import annotations
 
@@ -131,12 +133,15 @@ class AdamW8bitStandIn(torch.optim.Optimizer):
         self.replay = replay
         self.qmaps: dict[str, torch.Tensor] = {}
 
+    PAGED_MIN_NUMEL = 1e5  # bnb's get_state_buffer pages only tensors at least this large
+
     def _init_state(self, p, st):
         st["step"] = 0
         import contextlib
-        where = self.replay.untracked() if (self.paged and self.replay is not None) else contextlib.nullcontext()
+        paged = self.paged and self.replay is not None and p.numel() >= self.PAGED_MIN_NUMEL
+        where = self.replay.untracked() if paged else contextlib.nullcontext()
         if p.numel() < self.min_8bit_size:
-            with where:  # small tensors: fp32 states (paged too, when paged)
+            with where:  # small tensors: fp32 states
                 st["state1"] = torch.zeros_like(p, dtype=torch.float32)
                 st["state2"] = torch.zeros_like(p, dtype=torch.float32)
             return
