@@ -71,6 +71,26 @@ def parse_oom_message(message: str) -> OOMInfo:
                    reserved_unallocated_bytes=find(_SIZE + " is reserved by PyTorch but unallocated"))
 
 
+def _allocator_size(n: int) -> str:
+    """A size the way PyTorch's allocator prints it in an OOM message."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def format_oom_message(tried: int, total: int, free: int, allocated: int, reserved_unallocated: int,
+                       other: int = 0, device: str = "GPU 0") -> str:
+    """A CUDA out-of-memory message in PyTorch's words (what simulations and checks raise)."""
+    s = _allocator_size
+    in_use = allocated + reserved_unallocated + other
+    return (f"CUDA out of memory. Tried to allocate {s(tried)}. {device} has a total capacity of {s(total)} of "
+            f"which {s(free)} is free. Including non-PyTorch memory, this process has {s(in_use)} memory in "
+            f"use. Of the allocated memory {s(allocated)} is allocated by PyTorch, and {s(reserved_unallocated)}"
+            " is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+
 def diagnose(info: OOMInfo) -> list[str]:
     """Advice, most likely cause first."""
     out = []
