@@ -170,6 +170,17 @@ def fsdp2_padded_numel(shape, world_size: int) -> int:
     return math.ceil(shape[0] / world_size) * math.prod(shape[1:])
 
 
+def fsdp2_local_numel(shape, world_size: int, rank: int) -> int:
+    """Elements of a tensor that rank ``rank`` really holds (``torch.chunk`` rows; the padding excluded).
+
+    AdamW's moments are created like the local shard (``zeros_like``), so they are this size, not
+    the padded one: the last rank's moments can be a row smaller than its weights' storage.
+    """
+    shape = tuple(int(s) for s in shape) or (1,)
+    chunk = math.ceil(shape[0] / world_size)
+    return max(0, min(chunk, shape[0] - rank * chunk)) * math.prod(shape[1:])
+
+
 def largest_layer_params(model) -> int:
     """Parameters owned directly by the largest module (DeepSpeed's ``model_to_params`` definition).
 

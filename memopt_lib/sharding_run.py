@@ -312,12 +312,19 @@ def run_strategy(strategy: str, world_size: int, *, model: dict | None = None, r
     return run_ranks(train_on_ranks, world_size, args=(cfg,), timeout_s=timeout_s)
 
 
-def fsdp2_predicted_shard_bytes(model: torch.nn.Module, world_size: int, bytes_per_param: float = 16) -> float:
-    """Model-state bytes of one FSDP2 rank from the parameter shapes (padding included)."""
-    from .sharding import fsdp2_padded_numel
-    return bytes_per_param * sum(fsdp2_padded_numel(p.shape, world_size) for p in model.parameters())
+def fsdp2_predicted_state_bytes(model: torch.nn.Module, world_size: int, rank: int) -> dict[str, int]:
+    """One FSDP2 rank's fp32 model states from the parameter shapes, to the byte, with AdamW.
+
+    Weights and gradients: padded shard storage (every rank the same); the two moments: the rows
+    this rank really holds; plus AdamW's 4-byte ``step`` counter per tensor on every rank.
+    """
+    from .sharding import fsdp2_local_numel, fsdp2_padded_numel
+    params = list(model.parameters())
+    padded = sum(fsdp2_padded_numel(p.shape, world_size) for p in params)
+    local = sum(fsdp2_local_numel(p.shape, world_size, rank) for p in params)
+    return {"weights": 4 * padded, "gradients": 4 * padded, "optimizer": 8 * local + 4 * len(params)}
 
 
-__all__ = ["RankError", "STRATEGIES", "apply_fsdp2", "fsdp2_predicted_shard_bytes", "global_batches",
+__all__ = ["RankError", "STRATEGIES", "apply_fsdp2", "fsdp2_predicted_state_bytes", "global_batches",
            "model_state_bytes", "pick_backend", "rank_rows", "run_ranks", "run_strategy", "tiny_gpt2", "warm_imports",
            "train_on_ranks", "train_step", "full_parameters", "transformer_blocks"]

@@ -146,6 +146,8 @@ def _common(got, ref):
     shape = f"GPT-2 {g['model']['n_layer']} layers x {g['model']['n_embd']}, vocab {g['model']['vocab_size']}"
     for x, y in zip(g["ranks"], r["ranks"]):
         have, want = sum(x["sharded_bytes"].values()), sum(y["sharded_bytes"].values())
+        assert x["sharded_bytes"]["optimizer"] > 0, (
+            f"rank {x['rank']}: no AdamW state after your step: call optimizer.step() in sharded_train_step")
         assert abs(have / predicted - 1) <= STATE_TOL, (
             f"{shape} ({n:,} parameters) on {world} ranks: rank {x['rank']} keeps {have:,} bytes of weights + "
             f"gradients + AdamW state after a step, the prediction for full sharding is 16 P / N = {predicted:,.0f} "
