@@ -55,7 +55,7 @@ def _where(tb) -> str:
 def _rank_main(fn, rank, world_size, init_file, out_dir, backend, timeout_s, threads, args):
     import torch.distributed as dist
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    torch.set_num_threads(threads)  # one core per rank; also keeps a forked OpenMP pool out of the way
+    torch.set_num_threads(threads)
     result: dict = {}
     try:
         if backend == "nccl":
@@ -96,7 +96,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *, args: Sequence = (
         raise ValueError(f"backend 'nccl' needs one CUDA GPU per rank ({world_size}); use 'gloo' on CPUs")
     start_method = start_method or ("spawn" if backend == "nccl" else "fork")
     ctx = mp.get_context(start_method)
-    threads = max(1, (os.cpu_count() or 1) // world_size)
+    # a forked rank computes on one thread: GNU OpenMP's pool does not survive fork() (a child that
+    # enters a parallel region the parent had used hangs); spawned ranks share the cores
+    threads = 1 if start_method == "fork" else max(1, (os.cpu_count() or 1) // world_size)
     with tempfile.TemporaryDirectory(prefix="memopt-ranks-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_rank_main, daemon=True,
@@ -136,6 +138,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *, args: Sequence = (
 
 def _raise(rank: int, res: dict):
     msg = f"rank {rank}: {res['error']}: {res['message']}"
+    if "Unable to find interface" in res["message"]:  # gloo binds to an interface: no loopback, no gloo
+        msg += (" -- gloo needs a network interface that is up, at least loopback: a sandbox with its own network "
+                "namespace must run `ip link set lo up` in it")
     if res["error"] == "NotImplementedError":
         raise NotImplementedError(msg)
     if res["error"] == "AssertionError":
@@ -280,17 +285,19 @@ def train_on_ranks(rank: int, world_size: int, cfg: dict) -> dict:
     step_fn = cfg.get("step_fn") or train_step
 
     def step():
-        b = rank_rows(batches[len(losses)], rank, world_size)
+        b = rank_rows(batches[len(losses) % len(batches)], rank, world_size)
         losses.append(_mean_over_ranks(float(step_fn(train_model, opt, {k: v.to(device) for k, v in b.items()})),
                                        device))
 
     # on a GPU the tracker counts GPU storage only: with offload the host shards are not counted
-    report = measure(step, device=device, model=model, optimizer=opt, warmup=1, timeline=False)
+    report = measure(step, device=device, model=model, optimizer=opt, warmup=1, timeline=False,
+                     timed_calls=int(cfg.get("timed_calls", 0)))
     while len(losses) < cfg["steps"]:
         step()
     return {"rank": rank, "world_size": world_size, "strategy": strategy, "n_params": n_params,
             "model_state_bytes": model_state_bytes(report), "peak_bytes": int(report.peak_allocated_bytes),
-            "peak_breakdown_bytes": {k: int(v) for k, v in report.breakdown_bytes.items()}, "losses": losses}
+            "peak_breakdown_bytes": {k: int(v) for k, v in report.breakdown_bytes.items()}, "losses": losses,
+            "step_time_s": report.step_time_s}
 
 
 def warm_imports() -> None:

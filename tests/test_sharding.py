@@ -143,6 +143,8 @@ def test_fsdp2_ranks_hold_their_shard_and_train_like_one_process():
         assert abs(sum(states.values()) / gpu_total(one["n_params"], "zero3", 2) - 1) < 0.05
         assert r["peak_bytes"] < ddp[r["rank"]]["peak_bytes"]
         torch.testing.assert_close(r["losses"], one["losses"], rtol=1e-5, atol=0)
+    solo = run_strategy("fsdp2", 1, timed_calls=1, **run)[0]  # a group of one: nothing to divide by
+    assert solo["model_state_bytes"] == fsdp2_predicted_state_bytes(model, 1, 0) and solo["step_time_s"] > 0
     for r in ddp:
         assert sum(r["model_state_bytes"].values()) == sum(one["model_state_bytes"].values())
         torch.testing.assert_close(r["losses"], one["losses"], rtol=1e-5, atol=0)
