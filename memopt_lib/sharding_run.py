@@ -56,7 +56,10 @@ def _rank_main(fn, rank, world_size, init_file, out_dir, backend, timeout_s, thr
     import torch.distributed as dist
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
-    result: dict = {}
+    if backend == "gloo" and torch.cuda.is_available():
+        # a CPU rank on a GPU machine: FSDP2's default mesh follows torch's accelerator, which would
+        # be CUDA (unusable in a process forked after the parent touched it); this rank computes on the CPU
+        torch._C._get_accelerator = lambda: torch.device("cpu")
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -66,17 +69,18 @@ def _rank_main(fn, rank, world_size, init_file, out_dir, backend, timeout_s, thr
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises
         result = {"error": type(err).__name__, "message": str(err) + _where(err.__traceback__),
                   "traceback": traceback.format_exc()[-3000:]}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     try:
         text = json.dumps(result)
     except TypeError as err:
         text = json.dumps({"error": "TypeError", "message": f"rank {rank} returned data that is not JSON: {err}",
                            "traceback": ""})
+    # the result lands before the group is torn down: a rank's own error arrives before the
+    # "connection closed" its exit causes in the others
     tmp = Path(out_dir) / f".rank{rank}.json"
     tmp.write_text(text)
     tmp.rename(Path(out_dir) / f"rank{rank}.json")  # atomic: the parent never reads half a result
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int = 2, *, args: Sequence = (), timeout_s: float = 180,
@@ -108,6 +112,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *, args: Sequence = (
             p.start()
         deadline = time.monotonic() + timeout_s
         results: dict[int, dict] = {}
+        ok = False
         try:
             while len(results) < world_size:
                 for r in range(world_size):
@@ -127,9 +132,10 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *, args: Sequence = (
                                     "(a collective waiting on a rank that never calls it? every rank must run the "
                                     "same sharded forward/backward/step)")
                 time.sleep(0.05)
+            ok = True
         finally:
-            for p in procs:
-                p.join(timeout=5)
+            for p in procs:  # after an error the others may wait in a collective: stop them at once
+                p.join(timeout=10 if ok else 0)
                 if p.is_alive():
                     p.kill()
                     p.join(timeout=5)
@@ -310,13 +316,20 @@ def warm_imports() -> None:
 
 def run_strategy(strategy: str, world_size: int, *, model: dict | None = None, rows: int = 4, seq: int = 64,
                  steps: int = 6, seed: int = 0, timeout_s: float = 240, **extra) -> list[dict]:
-    """:func:`train_on_ranks` on ``world_size`` ranks (``"single"``: one process, no group)."""
+    """:func:`train_on_ranks` on ``world_size`` ranks (``"single"``: one process, no group).
+
+    The kit's own strategies run on :func:`pick_backend`'s choice (``nccl`` with a GPU per rank);
+    with a notebook's ``shard_fn`` / ``step_fn`` the ranks are forked CPU ranks on ``gloo``, because
+    a function defined in a notebook cannot be sent to a spawned process.
+    """
     cfg = {"strategy": strategy, "model": model or {}, "rows": rows, "seq": seq, "steps": steps, "seed": seed,
            **extra}
     if strategy == "single":
         return [train_on_ranks(0, 1, cfg)]
     warm_imports()
-    return run_ranks(train_on_ranks, world_size, args=(cfg,), timeout_s=timeout_s)
+    own = "shard_fn" in cfg or "step_fn" in cfg
+    return run_ranks(train_on_ranks, world_size, args=(cfg,), timeout_s=timeout_s,
+                     backend="gloo" if own else None, start_method="fork" if own else None)
 
 
 def fsdp2_predicted_state_bytes(model: torch.nn.Module, world_size: int, rank: int) -> dict[str, int]:

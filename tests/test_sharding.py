@@ -256,3 +256,21 @@ def test_lab10_checks_reject_wrong_answers(name, wrong, check, hint):
     assert res.status == "failed" and res.score == 0, (res.status, res.message)
     assert hint in res.message, res.message
     assert not math.isnan(res.max_score)
+
+
+def test_gpu_record_script_says_it_needs_a_gpu():
+    import importlib.util
+    from pathlib import Path
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the script runs for real: python .ci/gpu_sharding.py")
+    path = Path(__file__).resolve().parent.parent / ".ci" / "gpu_sharding.py"
+    spec = importlib.util.spec_from_file_location("gpu_sharding", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import sys
+    argv, sys.argv = sys.argv, ["gpu_sharding.py"]
+    try:
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            mod.main()
+    finally:
+        sys.argv = argv
