@@ -105,11 +105,13 @@ class HostOffloadOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()  # all gradients have arrived
         for p, h in zip(self.params, self.host):
             if p.grad is not None:  # not sent yet (offload_gradients=False)
                 self._grad_to_host(p, h)
+        if self._stream is not None:
+            # every gradient has arrived on the host; the side stream waited for the main stream, so last
+            # step's copies of the weights out of these host tensors are done too
+            self._stream.synchronize()
         with host_memory(self.device):
             self.optimizer.step()  # on the CPU: the Adam moments never touch the device
         for p, h in zip(self.params, self.host):

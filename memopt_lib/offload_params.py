@@ -54,13 +54,15 @@ def offload_frozen_base(model: torch.nn.Module, execution_device: torch.device |
         raise ValueError("no frozen module to offload: freeze the base first (e.g. peft.get_peft_model), "
                          "accelerate's hooks cannot train offloaded weights")
     stats = OffloadStats()
+    handles = []
     for _, m in chosen:
         nbytes = sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
         cpu_offload(m, execution_device=device)
         stats.add_host(nbytes)
         # accelerate's pre-forward hook copies the weights in; count what it moves
-        m.register_forward_pre_hook(lambda _m, _a, n=nbytes: _count(stats, n))
+        handles.append(m.register_forward_pre_hook(lambda _m, _a, n=nbytes: _count(stats, n)))
     model._memopt_offload_stats = stats
+    model._memopt_offload_handles = handles
     model._memopt_offloaded = [n for n, _ in chosen]
     return model
 
@@ -79,12 +81,13 @@ def remove_offload(model: torch.nn.Module) -> torch.nn.Module:
         weights = getattr(hook, "weights_map", None)
         device = getattr(hook, "execution_device", "cpu")
         remove_hook_from_module(m)
-        m._forward_pre_hooks.clear()
         if weights is not None:
             from accelerate.utils import set_module_tensor_to_device
             for pname, _ in list(m.named_parameters(recurse=False)):
                 set_module_tensor_to_device(m, pname, device, value=weights[pname])
-    for attr in ("_memopt_offload_stats", "_memopt_offloaded"):
+    for handle in getattr(model, "_memopt_offload_handles", []):
+        handle.remove()
+    for attr in ("_memopt_offload_stats", "_memopt_offloaded", "_memopt_offload_handles"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

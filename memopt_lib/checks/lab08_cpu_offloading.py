@@ -16,6 +16,11 @@ measured by :func:`memopt_lib.offload.device_peaks` (on a CPU: the tracker's liv
 ``host_memory``, i.e. device residency; on CUDA the allocator's peak). Each judge compares with the same
 collect run on the library's implementation (the reference namespace), same inputs.
 
+What a CPU cannot tell: there the host is simulated (``host_memory`` hides allocations from the tracker), so an
+optimizer that keeps its state on the device but builds it inside ``host_memory`` would pass the memory part of
+``host_optimizer`` on a CPU; on CUDA the allocator's counters see it. The graded functions are small enough
+for a reader to spot that.
+
 Where the thresholds come from:
 
 * Gradients and weights: offloading copies values, it does not change them; the reference is the library's
