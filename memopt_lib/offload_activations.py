@@ -182,7 +182,10 @@ class OffloadActivations(saved_tensors_hooks):
         if packed.kept is not None:
             return packed.kept
         if packed.key in self._fwd_stash:  # the last tensors of forward are needed first: no round trip
-            return self._fwd_stash.pop(packed.key)[0]
+            t, event = self._fwd_stash.pop(packed.key)
+            # once backward drops t its block is reused on the main stream: the copy must be done by then
+            torch.cuda.current_stream(t.device).wait_event(event)
+            return t
         nbytes = packed.host.numel() * packed.host.element_size()
         self.stats.to_device_bytes += nbytes
         if self._streams_for(packed.device) and self._side is not None:

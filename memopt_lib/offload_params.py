@@ -13,6 +13,9 @@ offloading saves in training is what is alive *between* steps (and during the op
 forward/backward peak. :func:`frozen_weights_saved` measures that share; :func:`offload_frozen_base` counts
 the bytes each step moves (each offloaded module's weights once per forward call).
 
+:func:`plan_device_map` is the planning side of ``device_map="auto"`` with ``max_memory``: which blocks land on
+the host for a GPU budget, and how many bytes the hooks then copy per forward.
+
 Only modules whose own parameters are all frozen are offloaded (LoRA's ``base_layer``, a frozen MLP);
 tied weights (GPT-2's ``wte`` is also its ``lm_head``) stay on the device: two hooks would fetch one tensor.
 """
@@ -113,3 +116,33 @@ def frozen_weights_saved(model: torch.nn.Module, forward) -> dict:
         out = forward()
     del out
     return {"saved_frozen_bytes": sum(seen.values()), "frozen_bytes": sum(frozen.values())}
+
+
+def plan_device_map(model: torch.nn.Module, max_memory: dict, *, dtype: torch.dtype = torch.float16) -> dict:
+    """Where ``from_pretrained(device_map="auto", max_memory=...)`` would put each block, and its per-step cost.
+
+    Wraps ``accelerate.infer_auto_device_map`` (works on a ``meta`` model: no weights needed) with the model's
+    ``_no_split_modules`` (a decoder layer stays whole). Returns plain data: the device map, weight bytes per
+    device in ``dtype``, and ``moved_per_forward_bytes`` -- the host-placed weights, which accelerate's hooks
+    copy to the GPU once per forward.
+    """
+    import warnings
+
+    from accelerate import infer_auto_device_map
+    if not max_memory:
+        raise ValueError("max_memory must name a budget per device, e.g. {0: '8GiB', 'cpu': '64GiB'}")
+    no_split = sorted(getattr(model, "_no_split_modules", None) or [])
+    with warnings.catch_warnings():  # "Device 0 is not available" on a machine without that GPU: planning only
+        warnings.simplefilter("ignore")
+        dmap = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    per_device: dict[str, int] = {}
+    seen: set[int] = set()  # a tied weight (GPT-2's wte / lm_head) is stored once
+    for name, dev in dmap.items():
+        module = model.get_submodule(name) if name else model
+        params = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        per_device[str(dev)] = per_device.get(str(dev), 0) + sum(p.numel() for p in params) * size
+    host = sum(v for k, v in per_device.items() if k in ("cpu", "disk"))
+    return {"device_map": {k: str(v) for k, v in dmap.items()}, "bytes_per_device": per_device,
+            "moved_per_forward_bytes": host}

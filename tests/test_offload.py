@@ -19,7 +19,7 @@ from memopt_lib.offload_activations import (OffloadActivations, offload_activati
 from memopt_lib.offload_optimizer import (HostOffloadOptimizer, deepspeed_available, host_offload_optimizer,
                                           predict_offload_bytes, zero_offload_config)
 from memopt_lib.offload_paged import PAGED_MIN_NUMEL, predict_paged_bytes, paged_state_plan, paged_tensors
-from memopt_lib.offload_params import frozen_weights_saved, offload_frozen_base, remove_offload
+from memopt_lib.offload_params import frozen_weights_saved, offload_frozen_base, plan_device_map, remove_offload
 from memopt_lib.text import random_batch
 
 CPU = torch.device("cpu")
@@ -316,6 +316,21 @@ def test_frozen_weights_are_saved_for_backward_under_lora(tiny, batch):
     frozen = copy.deepcopy(tiny).requires_grad_(False)
     with torch.enable_grad():
         assert frozen_weights_saved(frozen, lambda: frozen(**batch).logits)["saved_frozen_bytes"] == 0
+
+
+def test_plan_device_map_puts_what_does_not_fit_on_the_host():
+    from memopt_lib.models import meta_model
+    m = meta_model("gpt2")
+    total = sum(p.numel() for p in m.parameters()) * 2
+    plan = plan_device_map(m, {0: "100MiB", "cpu": "10GiB"})
+    assert set(plan["device_map"].values()) == {"0", "cpu"}
+    assert plan["bytes_per_device"]["0"] <= 100 * 2**20
+    assert plan["moved_per_forward_bytes"] == plan["bytes_per_device"]["cpu"]
+    assert sum(plan["bytes_per_device"].values()) == total  # every weight once (wte and lm_head are tied)
+    roomy = plan_device_map(m, {0: "10GiB", "cpu": "10GiB"})
+    assert roomy["moved_per_forward_bytes"] == 0
+    with pytest.raises(ValueError, match="max_memory"):
+        plan_device_map(m, {})
 
 
 # ---------------------------------------------------------------- paged
