@@ -10,8 +10,8 @@ What it saves: device memory, of whichever kind is moved out --
 * **parameters** (:mod:`.offload_params`): a frozen base's weights stay on the host and are streamed to
   the device module by module (accelerate's ``cpu_offload``).
 
-What it costs: bytes over the host link every step (PCIe 4/5 x16 moves ~25-50 GB/s, an H200's HBM ~4.8 TB/s),
-CPU time (an AdamW update on a few cores is far slower than on the GPU), and pinned host memory. Whether the
+What it costs: bytes over the host link every step (a PCIe link is orders of magnitude slower than the GPU's
+own memory), CPU time (the host runs what the GPU would have run), and pinned host memory. Whether the
 copies hide behind compute (a side stream) decides whether the slowdown is a few percent or several-fold.
 
 This module holds what the three share: what "host" means on each device, the bytes-moved accounting,

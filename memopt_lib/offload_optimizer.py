@@ -19,8 +19,8 @@ back every step. Two ways, both here:
   (``offload_gradients=True``), so the device holds no gradient either at the end of backward.
 
 What it costs: per step the gradients go down and the weights come back (``2 x 4`` bytes per parameter in
-fp32) and the CPU does the update -- on 16 cores roughly the GPU's backward time for a 7B, on 2 cores much
-more. It is the last resort for *full* fine-tuning; with LoRA the optimizer state is megabytes.
+fp32) and the CPU does the update (DeepSpeed's vectorised CPU Adam exists because that update is the
+bottleneck). It is the last resort for *full* fine-tuning; with LoRA the optimizer state is megabytes.
 
 Paged optimizers (bitsandbytes) are a different mechanism: :mod:`.offload_paged`.
 """
