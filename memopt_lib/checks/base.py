@@ -387,6 +387,31 @@ def run_checks(registry: Registry, ns: Mapping[str, Any], ctx: CheckContext | No
     return [run_check(c, ns, ctx, reference_ns) for c in chosen]
 
 
+# What a memory reading may differ by between two processes doing the same work, per source
+# (measured on the 2-core CPU machine, tests/test_grading_meter.py): the tracker counts tensor
+# storages exactly; the grader's outside sources also see the interpreter, allocator rounding and
+# modules imported lazily inside the window.
+MEMORY_SLACK_BYTES = {"tracker": 256 * 1024, "cgroup": 6 * 2**20, "rss": 8 * 2**20, "cuda-driver": 64 * 2**20}
+
+
+def memory_rise_within(got: MemoryReading | None, ref: MemoryReading | None, ratio: float, what: str,
+                       hint: str) -> dict:
+    """The memory half of a judge: the student's rise at most ``ratio`` x the reference's, plus the source's slack.
+
+    A rise is the window's peak above ``baseline_bytes``; in the grader both readings carry the
+    *reference run's* level at the window's start as their baseline. Raises ``AssertionError``
+    with both numbers and ``hint``; returns the numbers to show otherwise.
+    """
+    from ..profiler import fmt_bytes
+    assert got is not None and ref is not None, "checker error: this check was run without a memory measurement"
+    slack = MEMORY_SLACK_BYTES.get(got.source, MEMORY_SLACK_BYTES["rss"])
+    allowed = ratio * ref.delta_bytes + slack
+    assert got.delta_bytes <= allowed, (
+        f"{what} raised memory by {fmt_bytes(got.delta_bytes)}, the reference by {fmt_bytes(ref.delta_bytes)} "
+        f"(allowed: x{ratio:g} + {fmt_bytes(slack)}, measured by {got.source}). {hint}")
+    return {"rise_bytes": got.delta_bytes, "reference_rise_bytes": ref.delta_bytes, "allowed_rise_bytes": int(allowed)}
+
+
 def within_anchor_budget(peak_allocated_bytes: int, anchor_row: str, margin: float) -> dict:
     """The GPU budget of a check: an H200 anchor's steady peak times ``margin`` (other GPUs' kernels differ).
 

@@ -5,7 +5,9 @@
 
 ``DIR/<student_id>/`` holds that student's ``01_*.ipynb``. Writes ``OUT/grades.csv``,
 ``OUT/results/<student_id>.json`` (Gradescope's schema) and ``OUT/feedback/<student_id>.html``.
-Exit status 0 whenever the batch ran, whatever the grades.
+Exit status 0 when the batch ran, whatever the grades; 2 when the reference run or the canary
+(the instructor's solution must get full marks of what can run here, the unsolved lab 0) failed
+and no student was graded; 3 when every submission was ungradable.
 """
 from __future__ import annotations
 
@@ -50,13 +52,21 @@ def grade_main(argv: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     limits = Limits(timeout_s=args.timeout, memory_mb=args.memory_mb)
     t0 = time.perf_counter()
-    grades = grade_batch(lab, args.submissions, args.out, workers=max(1, args.workers), limits=limits,
-                         progress=not args.quiet, on_grade=lambda g: write_one(g, args.out))
+    from .grade import BatchError
+    try:
+        grades = grade_batch(lab, args.submissions, args.out, workers=max(1, args.workers), limits=limits,
+                             progress=not args.quiet, on_grade=lambda g: write_one(g, args.out))
+    except BatchError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - t0
     write_csv(grades, args.out / "grades.csv", [c.name for c in lab.registry.checks])
     per = elapsed / len(grades) if grades else 0.0
     print(f"graded {len(grades)} submission(s) of lab {lab.lab} in {elapsed:.1f} s "
           f"({per:.2f} s per submission, {args.workers} worker(s)); wrote {args.out / 'grades.csv'}")
+    if grades and all(g.status == "ungradable" for g in grades):
+        print("ERROR: every submission was ungradable (see the reason column of grades.csv)", file=sys.stderr)
+        return 3
     return 0
 
 

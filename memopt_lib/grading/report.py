@@ -23,7 +23,7 @@ def _cell(value) -> str:
 
 
 def write_csv(grades: list[Grade], path: Path, check_names: list[str]) -> None:
-    cols = (["student_id", "lab", "score", "max_score", "status", "reason"] + check_names
+    cols = (["student_id", "lab", "score", "max_score", "max_score_here", "status", "reason"] + check_names
             + [f"{n}_status" for n in check_names]
             + ["peak_allocated_bytes", "max_rss_bytes", "wall_s", "notebook", "notes", "review_flags"])
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -31,7 +31,8 @@ def write_csv(grades: list[Grade], path: Path, check_names: list[str]) -> None:
         w.writerow(cols)
         for g in grades:
             by = {c.name: c for c in g.checks}
-            row = [g.student_id, g.lab, f"{g.score:g}", f"{g.max_score:g}", g.status, g.reason[:300]]
+            here = "" if g.max_score_here is None else f"{g.max_score_here:g}"  # the checks that can run on this grader
+            row = [g.student_id, g.lab, f"{g.score:g}", f"{g.max_score:g}", here, g.status, g.reason[:300]]
             row += [f"{by[n].score:g}" if n in by else "" for n in check_names]
             row += [by[n].status if n in by else "" for n in check_names]
             row += [g.peak_allocated_bytes if g.peak_allocated_bytes is not None else "", g.max_rss_bytes or "",

@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from queue import Queue
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,10 +208,37 @@ class UidPool:
         self._fds = []
 
 
+def kit_package_dir() -> str:
+    """The folder of the ``memopt_lib`` package this grader runs (for an editable install: inside the checkout)."""
+    import memopt_lib
+    return str(Path(memopt_lib.__file__).resolve().parent)
+
+
+def allow_list(extra: list[str] = ()) -> list[str]:
+    """What the child may see (read-only): the Python prefixes, site-packages folders, the kit's package folder.
+
+    Other ``sys.path`` entries (a checkout on ``PYTHONPATH``, the current folder) are *not* shown:
+    the kit is reached through its package folder alone.
+    """
+    prefixes = [sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix]
+    site = [p for p in sys.path if p and os.path.isdir(p) and os.path.basename(p.rstrip("/")) in
+            ("site-packages", "dist-packages")]
+    out = [p for p in prefixes + site if p and os.path.realpath(p) != "/"]
+    return list(dict.fromkeys(out + [kit_package_dir()] + [p for p in extra if p]))
+
+
+def child_sys_path(allow: list[str]) -> list[str]:
+    """The child's ``sys.path``: the kit's parent folder first, then the grader's entries that the child can see."""
+    kit_parent = str(Path(kit_package_dir()).parent)
+    seen = [os.path.realpath(a) for a in allow]
+    visible = [p for p in sys.path if p and any(os.path.realpath(p) == a or os.path.realpath(p).startswith(a + "/")
+                                                for a in seen)]
+    return list(dict.fromkeys([kit_parent] + visible))
+
+
 def child_config(uid: int | None, limits: Limits, hide: list[str], keep: list[str], workdir: str | None) -> dict:
     iso = isolation()
-    visible = [sys.base_prefix, sys.prefix, sys.exec_prefix] + [p for p in sys.path if p and os.path.isdir(p)]
-    cfg = {"limits": limits.for_child(), "mounts": iso.namespaces, "hide": hide, "keep": keep, "expose": visible,
+    cfg = {"limits": limits.for_child(), "mounts": iso.namespaces, "hide": hide, "allow": allow_list(keep),
            "workdir": None if iso.namespaces else workdir}
     if iso.root and uid is not None:
         cfg["uid"] = cfg["gid"] = uid
@@ -256,7 +284,10 @@ def readable_cache(src: str | None) -> str | None:
 def child_env(threads: int, home: str, cache: str | None = None) -> dict:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
            "MPLBACKEND": "Agg", "MPLCONFIGDIR": home, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
+           "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0",
+           # freed blocks of >= 128 KiB go back to the kernel at once: what the grader measures from
+           # outside then follows live memory (same settings for student and reference runs)
+           "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     for key in ("MEMOPT_PROFILE", "CUDA_VISIBLE_DEVICES"):
         if key in os.environ:
             env[key] = os.environ[key]
@@ -265,61 +296,155 @@ def child_env(threads: int, home: str, cache: str | None = None) -> dict:
     return env
 
 
-def run_child(job: dict, *, uid: int | None, limits: Limits, hide: list[str], keep: list[str],
-              threads: int = 1, cache: str | None = None) -> Outcome:
-    """Run one job (see :mod:`.runner`) in a fresh sandboxed child and wait for it, bounded."""
-    iso = isolation()
-    token = job["token"]
-    scratch = None if iso.namespaces else tempfile.mkdtemp(prefix="memopt-grade-")
-    sandbox = child_config(uid, limits, hide, keep, scratch)
-    if scratch and iso.root:
-        os.chown(scratch, sandbox["uid"], sandbox["gid"])
-    home = "/tmp/work" if iso.namespaces else scratch
-    r_fd, w_fd = os.pipe()
-    o_fd, ow_fd = os.pipe()
-    job = dict(job, result_fd=w_fd, sandbox=sandbox, threads=threads, sys_path=[p for p in sys.path if p])
-    cmd = (UNSHARE + ["--"] if iso.namespaces else []) + [sys.executable, "-I", str(RUNNER)]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=ow_fd, stderr=ow_fd, pass_fds=(w_fd,),
-                            env=child_env(threads, home, cache), cwd="/", start_new_session=True, close_fds=True)
-    os.close(w_fd)
-    os.close(ow_fd)
-    result_lines: list[bytes] = []
-    tail: deque = deque()
-    readers = [threading.Thread(target=_drain, args=(r_fd, result_lines, MAX_RESULT_BYTES, True), daemon=True),
-               threading.Thread(target=_drain, args=(o_fd, tail, TAIL_BYTES, False), daemon=True)]
-    for t in readers:
-        t.start()
-    try:
-        proc.stdin.write(json.dumps(job).encode())
-        proc.stdin.close()
-    except OSError:
-        pass
-    timed_out, status, rusage = False, None, None
-    deadline = t0 + limits.timeout_s
-    while status is None:
-        pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
+class Child:
+    """One sandboxed child (see :mod:`.runner`): start it, send it commands, read its messages, bounded.
+
+    Messages are token-bearing JSON lines on the result pipe, read by a thread into a queue;
+    :meth:`next` returns the next one, or None when the child died, closed the pipe or ran past
+    the wall-clock ``deadline`` (then everything it started is killed). ``meter`` (a
+    :class:`~.meter.Meter`) runs the child in a memory cgroup and measures it from outside.
+    """
+
+    def __init__(self, job: dict, *, uid: int | None, limits: Limits, hide: list[str], keep: list[str],
+                 threads: int = 1, cache: str | None = None, meter=None):
+        self.iso = isolation()
+        self.token = job["token"]
+        self.limits, self.meter = limits, meter
+        self.scratch = None if self.iso.namespaces else tempfile.mkdtemp(prefix="memopt-grade-")
+        self.sandbox = child_config(uid, limits, hide, keep, self.scratch)
+        if self.scratch and self.iso.root and "uid" in self.sandbox:
+            os.chown(self.scratch, self.sandbox["uid"], self.sandbox["gid"])
+        home = "/tmp/work" if self.iso.namespaces else self.scratch
+        r_fd, w_fd = os.pipe()
+        o_fd, ow_fd = os.pipe()
+        c_fd, cw_fd = os.pipe()
+        sys_path = child_sys_path(self.sandbox["allow"]) if self.iso.namespaces else [p for p in sys.path if p]
+        job = dict(job, result_fd=w_fd, command_fd=c_fd, sandbox=self.sandbox, threads=threads, sys_path=sys_path)
+        cmd = (UNSHARE + ["--"] if self.iso.namespaces else []) + [sys.executable, "-I", str(RUNNER)]
+        if meter is not None:
+            cmd = meter.wrap(cmd)
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + limits.timeout_s
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=ow_fd, stderr=ow_fd, pass_fds=(w_fd, c_fd),
+                                     env=child_env(threads, home, cache), cwd="/", start_new_session=True,
+                                     close_fds=True)
+        for fd in (w_fd, ow_fd, c_fd):
+            os.close(fd)
+        self._cmd_fd = cw_fd
+        if meter is not None:
+            meter.attach(self.proc.pid)
+        self.queue: Queue = Queue()
+        self.rejected = 0
+        self.tail: deque = deque()
+        self.timed_out = False
+        self.status = self.rusage = None
+        self._readers = [threading.Thread(target=self._read_results, args=(r_fd,), daemon=True),
+                         threading.Thread(target=_drain, args=(o_fd, self.tail, TAIL_BYTES, False), daemon=True)]
+        for t in self._readers:
+            t.start()
+        try:
+            self.proc.stdin.write(json.dumps(job).encode())
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def _read_results(self, fd: int) -> None:
+        total, buf = 0, b""
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            while True:
+                try:
+                    chunk = f.read(65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > MAX_RESULT_BYTES:
+                    self.rejected += 1
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    msgs, bad = parse_messages([raw], self.token)
+                    self.rejected += bad
+                    for m in msgs:
+                        self.queue.put(m)
+        self.queue.put(None)  # EOF
+
+    def send(self, **cmd) -> None:
+        try:
+            os.write(self._cmd_fd, (json.dumps(cmd) + "\n").encode())
+        except OSError:
+            pass
+
+    def _reap(self, block: bool = False) -> bool:
+        if self.status is not None:
+            return True
+        pid, st, ru = os.wait4(self.proc.pid, 0 if block else os.WNOHANG)
         if pid:
-            status, rusage = st, ru
-            break
-        if time.monotonic() > deadline:
-            timed_out = True
-            _killpg(proc.pid)
-            _, status, rusage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.05)
-    wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    _killpg(proc.pid)  # anything left in the group (without a PID namespace)
-    if iso.root and "uid" in sandbox:
-        _kill_uid(sandbox["uid"])
-    for t in readers:
-        t.join(timeout=5)
-    if scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
-    messages, rejected = parse_messages(result_lines, token)
-    return Outcome(messages, proc.returncode, timed_out, wall, rusage.ru_maxrss * 1024 if rusage else 0,
-                   b"".join(tail).decode("utf-8", "replace"), rejected)
+            self.status, self.rusage = st, ru
+            self.proc.returncode = os.waitstatus_to_exitcode(st)
+            return True
+        return False
+
+    def next(self) -> dict | None:
+        """The next message; None once the child is gone (or was killed at the deadline)."""
+        from queue import Empty
+        while True:
+            try:
+                msg = self.queue.get(timeout=0.02)
+                if msg is None:
+                    self.queue.put(None)  # stay at EOF
+                return msg
+            except Empty:
+                pass
+            if self._reap():
+                try:  # the reader may still hold a last line
+                    msg = self.queue.get(timeout=1.0)
+                except Empty:
+                    return None
+                if msg is None:
+                    self.queue.put(None)
+                return msg
+            if time.monotonic() > self.deadline:
+                self.kill(timed_out=True)
+                return None
+
+    def kill(self, timed_out: bool = False) -> None:
+        self.timed_out = self.timed_out or timed_out
+        _killpg(self.proc.pid)
+
+    def finish(self, grace_s: float = 5.0) -> Outcome:
+        """Tell the child to exit, wait (bounded), kill what is left, and say what was seen."""
+        self.send(exit=True)
+        try:
+            os.close(self._cmd_fd)
+        except OSError:
+            pass
+        end = min(self.deadline, time.monotonic() + grace_s)
+        while not self._reap() and time.monotonic() < end:
+            time.sleep(0.02)
+        if self.status is None:
+            self.kill(timed_out=time.monotonic() >= self.deadline)
+            self._reap(block=True)
+        wall = time.monotonic() - self.t0
+        _killpg(self.proc.pid)  # anything left in the group (without a PID namespace)
+        if self.iso.root and "uid" in self.sandbox:
+            _kill_uid(self.sandbox["uid"])
+        for t in self._readers:
+            t.join(timeout=5)
+        if self.meter is not None:
+            self.meter.finish()
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        rest = []
+        while not self.queue.empty():
+            m = self.queue.get()
+            if m is not None:
+                rest.append(m)
+        return Outcome(rest, self.proc.returncode, self.timed_out, wall,
+                       self.rusage.ru_maxrss * 1024 if self.rusage else 0,
+                       b"".join(self.tail).decode("utf-8", "replace"), self.rejected)
 
 
 def _killpg(pgid: int) -> None:
