@@ -115,8 +115,7 @@ def batch(tmp_path_factory):
     stop = threading.Event()
     threading.Thread(target=serve, daemon=True).start()
 
-    import memopt_fixture_lab90_ref as ref
-    subst = {"@SOL@": str(sol_dir), "@OUT@": str(out), "@SUBS@": str(subs), "@REF@": ref.__file__,
+    subst = {"@SOL@": str(sol_dir), "@OUT@": str(out), "@SUBS@": str(subs), "@REF@": str(sol),
              "@PORT@": str(server.getsockname()[1]), "@MARK@": str(mark)}
     fx.write_submission(subs, "honest", fx.student_notebook(fx.SOLUTION_BODIES))
     fx.write_submission(subs, "wrong", fx.student_notebook(fx.WRONG_BODIES))

@@ -252,7 +252,10 @@ def judge_session(rt: Runtime, s: Session, ref: Session, timeout_s: float) -> tu
             continue
         reply = s.replies.get(c.name)
         if reply is None:
-            if not stopped and (s.stopped_at == c.name or not s.ready):
+            if not s.ready:  # died (or was killed) before any check: every check shares that end
+                out.append(CheckOutcome(c.name, death_status, 0.0, c.points, death_msg))
+                continue
+            if not stopped and s.stopped_at == c.name:
                 r = CheckOutcome(c.name, death_status, 0.0, c.points, death_msg)
                 stopped = True
             else:

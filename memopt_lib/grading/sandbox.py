@@ -233,7 +233,8 @@ def child_sys_path(allow: list[str]) -> list[str]:
     seen = [os.path.realpath(a) for a in allow]
     visible = [p for p in sys.path if p and any(os.path.realpath(p) == a or os.path.realpath(p).startswith(a + "/")
                                                 for a in seen)]
-    return list(dict.fromkeys([kit_parent] + visible))
+    modules = [os.path.dirname(a) for a in seen if a.endswith(".py")]  # a check module allowed alone: its folder
+    return list(dict.fromkeys([kit_parent] + modules + visible))
 
 
 def child_config(uid: int | None, limits: Limits, hide: list[str], keep: list[str], workdir: str | None) -> dict:
