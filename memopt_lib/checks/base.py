@@ -227,23 +227,34 @@ def plain(obj, depth: int = 0):
     raise TypeError(f"collected data must be plain JSON values, got {type(obj).__name__}")
 
 
+FINGERPRINT_CHUNK = 1 << 16
+
+
 def fingerprint(tensors: Mapping[str, torch.Tensor], seed: int, k: int = 3) -> dict[str, list[float]]:
     """Each tensor as ``k`` projections onto random +-1 vectors and its norm, in float64.
 
     Small enough to send as JSON, impossible to produce without the tensor itself: the projection
     vectors depend on ``seed``, which the student's code never chooses. :func:`fingerprint_error`
-    compares two fingerprints. ``None`` entries (no gradient) are kept as ``None``.
+    compares two fingerprints. ``None`` entries (no gradient) are kept as ``None``. Computed in
+    chunks of ``FINGERPRINT_CHUNK`` elements, so that fingerprinting inside a memory check adds
+    ~2 MB, not a multiple of the tensor.
     """
     out: dict[str, list[float] | None] = {}
     for name, t in tensors.items():
         if t is None:
             out[name] = None
             continue
-        flat = t.detach().to("cpu", torch.float64).reshape(-1)
+        flat = t.detach().reshape(-1)
         salt = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
         g = torch.Generator().manual_seed((seed * 7919 + salt) % (2**63))
-        signs = torch.randint(0, 2, (k, flat.numel()), generator=g, dtype=torch.int8).to(torch.float64) * 2 - 1
-        out[name] = [float(v) for v in (signs @ flat).tolist()] + [float(flat.norm())]
+        proj = torch.zeros(k, dtype=torch.float64)
+        sq = 0.0
+        for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
+            part = flat[start:start + FINGERPRINT_CHUNK].to("cpu", torch.float64)
+            signs = torch.randint(0, 2, (k, part.numel()), generator=g, dtype=torch.int8).to(torch.float64) * 2 - 1
+            proj += signs @ part
+            sq += float(part.dot(part))
+        out[name] = [float(v) for v in proj.tolist()] + [math.sqrt(sq)]
     return out
 
 

@@ -81,6 +81,9 @@ def build_root(allow: list[str], hide: list[str], tmpfs_mb: int, uid: int | None
     proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY)
     new = ROOT_MOUNT
     _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=8m,mode=755")
+    for path in ("/tmp", "/dev/shm"):  # first: allowed folders under /tmp (a kit, the model cache) bind on top
+        os.makedirs(new + path, exist_ok=True)
+        _mount("tmpfs", new + path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(tmpfs_mb)}m,mode=1777")
     for real in sorted(sources, key=lambda q: (q.count("/"), q)):  # shallow first: deeper binds land on top
         _bind_ro(sources[real], new + real, os.path.isdir(f"/proc/self/fd/{sources[real]}"))
     for link, real in links.items():
@@ -97,9 +100,6 @@ def build_root(allow: list[str], hide: list[str], tmpfs_mb: int, uid: int | None
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, new + f"/dev/{name}")
-    for path in ("/tmp", "/dev/shm"):
-        os.makedirs(new + path, exist_ok=True)
-        _mount("tmpfs", new + path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(tmpfs_mb)}m,mode=1777")
     os.makedirs(new + "/var", mode=0o755, exist_ok=True)
     os.symlink("/tmp", new + "/var/tmp")
     os.makedirs(new + "/etc", mode=0o755, exist_ok=True)

@@ -69,7 +69,9 @@ class Lab:
         solutions = Path(solutions or REPO_ROOT / "solutions")
         found = sorted(solutions.glob(f"{lab}_*.ipynb"))
         if len(found) != 1:
-            raise SystemExit(f"expected one {lab}_*.ipynb in {solutions}, found {[p.name for p in found]}")
+            hint = "" if solutions.is_dir() else (" (a pip-installed kit ships no solutions: pass --solutions with the "
+                                                  "folder of the instructor's notebooks)")
+            raise SystemExit(f"expected one {lab}_*.ipynb in {solutions}, found {[p.name for p in found]}{hint}")
         if checks_module is None:
             from ..checks import lab_topics
             topics = lab_topics()
