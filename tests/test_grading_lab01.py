@@ -124,6 +124,7 @@ def test_honest_gets_full_marks_of_what_runs_here(batch):
 def test_wrong_untouched_and_tampering(batch):
     rows = batch["rows"]
     assert rows["wrong"]["param_count_status"] == "failed"
+    assert "memopt_lib" in rows["r13_solutions_copy_elsewhere"]["review_flags"]  # a human is pointed at it
     assert rows["wrong"]["training_state_matches_profiler_status"] == "passed"
     assert rows["wrong"]["training_step_trains_status"] == "failed"  # returned the loss tensor
     assert (rows["untouched"]["status"], rows["untouched"]["score"]) == ("graded", "0")
