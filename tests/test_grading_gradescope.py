@@ -27,7 +27,7 @@ def test_autograder_zip_grades_a_submission(tmp_path):
         modes = {i.filename: i.external_attr >> 16 for i in z.infolist()}
         z.extractall(root / "source")
     assert {"setup.sh", "run_autograder", "solutions/90_fixture.ipynb", "extra/memopt_fixture_lab90.py",
-            "reference/memopt_fixture_lab90_ref.py", "memopt/pyproject.toml",
+            "memopt/pyproject.toml",
             "memopt/memopt_lib/grading/runner.py"} <= names
     assert not any(n.startswith("memopt/solutions") or n.startswith("memopt/tests") for n in names)
     assert modes["run_autograder"] & stat.S_IXUSR and modes["setup.sh"] & stat.S_IXUSR

@@ -338,3 +338,10 @@ def test_two_graders_never_share_a_sandbox_uid(monkeypatch):
         assert len(set(a.uids) | set(b.uids)) == 4
     with sandbox.UidPool(1) as c:  # released: reusable
         assert c.uids[0] in a.uids
+
+
+def test_reports_say_what_could_not_run_here():
+    g = _grade(msg="x")
+    g.max_score_here = 3.0
+    assert "max score on this grader: 3 of 5" in gradescope_results(g)["output"]
+    assert "max score on this grader: 3" in feedback_html(g)

@@ -237,7 +237,7 @@ def fingerprint(tensors: Mapping[str, torch.Tensor], seed: int, k: int = 3) -> d
     vectors depend on ``seed``, which the student's code never chooses. :func:`fingerprint_error`
     compares two fingerprints. ``None`` entries (no gradient) are kept as ``None``. Computed in
     chunks of ``FINGERPRINT_CHUNK`` elements, so that fingerprinting inside a memory check adds
-    ~2 MB, not a multiple of the tensor.
+    about ``80 x FINGERPRINT_CHUNK`` bytes (5 MB), not a multiple of the tensor.
     """
     out: dict[str, list[float] | None] = {}
     for name, t in tensors.items():

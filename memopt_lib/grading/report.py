@@ -51,6 +51,9 @@ def gradescope_results(g: Grade) -> dict:
                                      "measurements": {k: v for k, v in c.measurements.items()
                                                       if isinstance(v, (int, float, str))}}})
     lines = [f"status: {g.status}" + (f" ({g.reason})" if g.reason else "")]
+    if g.max_score_here is not None and g.max_score_here != g.max_score:
+        lines.append(f"max score on this grader: {g.max_score_here:g} of {g.max_score:g} "
+                     "(checks that cannot run here are not_run and not counted)")
     lines += [f"note: {n}" for n in g.notes]
     if g.peak_allocated_bytes is not None:
         lines.append(f"measured peak allocated: {g.peak_allocated_bytes} bytes")
@@ -75,7 +78,9 @@ def feedback_html(g: Grade) -> str:
         "<style>td,th{border:1px solid #ccc;padding:4px;vertical-align:top}.passed{background:#e8f5e9}"
         ".failed,.error,.timeout,.oom,.crashed{background:#ffebee}pre{white-space:pre-wrap;margin:0}</style>"
         f"</head><body><h1>Lab {e(g.lab)}: {g.score:g} / {g.max_score:g}</h1>{reason}"
-        f"<p>notebook: {e(g.notebook)}</p>" + (f"<ul>{notes}</ul>" if notes else "")
+        + (f"<p>max score on this grader: {g.max_score_here:g} (checks that cannot run here are not_run and not "
+           "counted)</p>" if g.max_score_here is not None and g.max_score_here != g.max_score else "")
+        + f"<p>notebook: {e(g.notebook)}</p>" + (f"<ul>{notes}</ul>" if notes else "")
         + f"<table><tr><th>check</th><th>status</th><th>points</th><th>message</th></tr>{rows}</table>{out}"
         "</body></html>\n")
 

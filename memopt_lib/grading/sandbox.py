@@ -1,20 +1,24 @@
-"""Parent side of the sandbox: start one grading child per submission, bounded, and collect its messages.
+"""Parent side of the sandbox: start one grading child, bounded, talk to it, and collect its messages.
 
-Per submission the grader starts ``python -I runner.py`` (see :mod:`.runner`):
+Per child (:class:`Child`) the grader starts ``python -I runner.py`` (see :mod:`.runner`):
 
+* inside the grader's memory cgroup for this child (:class:`~.meter.Meter`: the child and
+  everything it forks are measured from outside and cannot leave it);
 * as root and where the kernel allows it, inside ``unshare --fork --pid --mount-proc --net --mount``:
   a private PID namespace (when the child's first process exits or is killed, the kernel
   kills every process the submission started, even one that called ``setsid``), an empty
-  network namespace (no network, only a down loopback), and a private mount namespace
-  in which :mod:`.confine` hides the solutions and gives the child its own ``/tmp``;
+  network namespace (no network, only a down loopback), and a private mount namespace in
+  which :mod:`.confine` builds an allow-listed root (:func:`allow_list`: Python prefixes,
+  site-packages, the kit's package folder, the model cache copy) and ``chroot``\ s into it;
 * in its own session and process group, killed as a group at the wall-clock timeout;
 * with rlimits on CPU time, heap, processes and file size, as an unprivileged uid of its
   own (one per worker slot, locked against other graders on the machine: :class:`UidPool`),
   so ``RLIMIT_NPROC`` counts only this submission;
 * with a clean environment (no grader secrets), stdin replaced after the job is read,
-  stdout/stderr kept only as a bounded tail, and a separate pipe for JSON results.
+  stdout/stderr kept only as a bounded tail, a pipe for JSON results and one for the grader's
+  commands ("run check X with seed S").
 
-Without root none of the uid / namespace measures is possible: :func:`isolation` says
+Without root none of the uid / namespace / cgroup measures is possible: :func:`isolation` says
 so and the CLI prints the warnings. The child's peak resident memory is read by the
 parent from ``wait4`` -- a number the submission cannot forge.
 """
