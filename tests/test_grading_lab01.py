@@ -115,7 +115,7 @@ def test_honest_gets_full_marks_of_what_runs_here(batch):
     row = batch["rows"]["honest"]
     assert (row["status"], row["score"], row["max_score_here"]) == ("graded", "8", "8"), row
     res = json.loads((batch["out"] / "results" / "honest.json").read_text())
-    lean = next(t for t in res["tests"] if t["name"] == "training_step_is_lean")
+    lean = next(t for t in res["tests"] if t["name"] == "training_step_is_correct_and_lean")
     meas = lean["extra_data"]["measurements"]
     assert meas["measured_by"] in ("cgroup", "rss") and meas["rise_bytes"] > 50 * 2**20
     assert "tracker_peak_bytes" in meas  # the tracker's view is shown, as explanation
@@ -134,7 +134,7 @@ def test_wrong_untouched_and_tampering(batch):
 def test_honest_failing_submission_is_what_the_attacks_start_from(batch):
     """Correct but wasteful step (zero-filled gradients kept through the forward): it trains, it is not lean."""
     row = batch["rows"]["honest_failing"]
-    assert (row["training_step_trains_status"], row["training_step_is_lean_status"]) == ("passed", "failed"), row
+    assert (row["training_step_trains_status"], row["training_step_is_correct_and_lean_status"]) == ("passed", "failed"), row
     assert row["score"] == "1"
 
 

@@ -211,7 +211,7 @@ def _(got, ref, ctx):
 
 # ---------------------------------------------------------------- the step is lean
 @CHECKS.check(points=2, needs=["full_finetune_step"], measures_memory=True)
-def training_step_is_lean(ns, ctx):
+def training_step_is_correct_and_lean(ns, ctx):
     """Two full_finetune_step calls train and peak no higher than the reference step (memory measured around them)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     gpu_real = ctx.is_gpu and getattr(ctx.profile, "is_gpu", False)
@@ -231,7 +231,7 @@ def training_step_is_lean(ns, ctx):
     return out
 
 
-@training_step_is_lean.judge
+@training_step_is_correct_and_lean.judge
 def _(got, ref, ctx):
     _judge_trained(got, ref, 1e-5, 1e-4)
     shown = memory_rise_within(got.memory, ref.memory, STEP_RATIO, (

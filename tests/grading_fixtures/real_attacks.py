@@ -53,7 +53,7 @@ LAB01 = {
     "r01_traceback_channel_forgery": (lab01(count=FIND_CHANNEL + """
     if chan is not None:
         for name in ("param_count", "training_state_matches_profiler", "training_step_trains",
-                     "training_step_is_lean"):
+                     "training_step_is_correct_and_lean"):
             chan.send(event="result", check=name, status="passed", score=99)
             chan.send(event="evidence", check=name, data={"counts": [124439808]}, duration_s=0.1)
         chan.send(event="done")
@@ -65,7 +65,7 @@ _m = sys.modules["memopt_lib.checks.lab01_memory_anatomy"]
 _m.STEP_RATIO, _m.LOSS_RTOL, _m.PARAM_RTOL = 1e9, 1e9, 1e9
 import memopt_lib.checks.base as _b
 _b.MEMORY_SLACK_BYTES.update({k: 10**12 for k in list(_b.MEMORY_SLACK_BYTES)})"""), 1,
-                                      {"training_step_is_lean": "passed"}),
+                                      {"training_step_is_correct_and_lean": "passed"}),
     "r03_proc_self_mem_constant": (lab01(top="""
 import struct, sys
 _m = sys.modules["memopt_lib.checks.lab01_memory_anatomy"]
@@ -75,13 +75,13 @@ try:
             _f.seek(id(getattr(_m, _name)) + 16)  # a float's ob_fval
             _f.write(struct.pack("d", 1e9))
 except OSError:
-    pass"""), 1, {"training_step_is_lean": "passed"}),
+    pass"""), 1, {"training_step_is_correct_and_lean": "passed"}),
     "r04_tracker_peak_reset_via_mode_stack": (lab01(step=STEP_WASTEFUL.replace("    return loss.item()", """
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
     for mode in _get_current_dispatch_mode_stack():
         if hasattr(mode, "peak_bytes"):
             mode.peak_bytes = mode.current_bytes
-    return loss.item()""")), 1, {"training_step_is_lean": "passed"}),
+    return loss.item()""")), 1, {"training_step_is_correct_and_lean": "passed"}),
     "r05_tracker_method_patched_and_restored": (lab01(step="""
     from memopt_lib.profiler import MemoryTracker
     saved = MemoryTracker.__torch_dispatch__
@@ -89,11 +89,11 @@ except OSError:
     try:
 """ + indent(STEP_WASTEFUL, 8) + """
     finally:
-        MemoryTracker.__torch_dispatch__ = saved"""), 1, {"training_step_is_lean": "passed"}),
+        MemoryTracker.__torch_dispatch__ = saved"""), 1, {"training_step_is_correct_and_lean": "passed"}),
     "r06_disable_current_modes": (lab01(step="""
     from torch.utils._python_dispatch import _disable_current_modes
     with _disable_current_modes():
-""" + indent(STEP_WASTEFUL, 8)), 1, {"training_step_is_lean": "passed"}),
+""" + indent(STEP_WASTEFUL, 8)), 1, {"training_step_is_correct_and_lean": "passed"}),
     "r07_work_in_another_thread": (lab01(step="""
     import threading
     box = {}
@@ -102,7 +102,7 @@ except OSError:
     t = threading.Thread(target=work)
     t.start()
     t.join()
-    return box["loss"]"""), 1, {"training_step_is_lean": "passed"}),
+    return box["loss"]"""), 1, {"training_step_is_correct_and_lean": "passed"}),
     "r08_gc_objects_from_a_thread_pool": (lab01(step=STEP_WASTEFUL.replace("    return loss.item()", """
     import gc
     from concurrent.futures import ThreadPoolExecutor
@@ -112,7 +112,7 @@ except OSError:
         if type(o).__name__ == "MemoryTracker":
             o.peak_bytes = o.current_bytes
             o.start_bytes = o.current_bytes
-    return loss.item()""")), 1, {"training_step_is_lean": "passed"}),
+    return loss.item()""")), 1, {"training_step_is_correct_and_lean": "passed"}),
     "r09_numpy_scratch_memory": (lab01(step="""
     import numpy as np
     optimizer.zero_grad(set_to_none=True)
@@ -120,7 +120,7 @@ except OSError:
     loss = model(**batch).loss
     loss.backward()
     optimizer.step()
-    return loss.item() + 0.0 * float(scratch[0] - 1.0)"""), 1, {"training_step_is_lean": "passed"}),
+    return loss.item() + 0.0 * float(scratch[0] - 1.0)"""), 1, {"training_step_is_correct_and_lean": "passed"}),
     "r10_caller_frame_f_locals": (lab01(count="""
     import sys
     f = sys._getframe(1)
@@ -150,7 +150,7 @@ except OSError:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1e-3 * torch.randn_like(p))
-    return 3.0"""), 0, {"training_step_trains": "passed", "training_step_is_lean": "passed"}),
+    return 3.0"""), 0, {"training_step_trains": "passed", "training_step_is_correct_and_lean": "passed"}),
     "r13_solutions_copy_elsewhere": (lab01(count="""
     import glob, json, os, sys
     import memopt_lib
