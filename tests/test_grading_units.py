@@ -345,3 +345,9 @@ def test_reports_say_what_could_not_run_here():
     g.max_score_here = 3.0
     assert "max score on this grader: 3 of 5" in gradescope_results(g)["output"]
     assert "max score on this grader: 3" in feedback_html(g)
+
+
+def test_deeply_nested_messages_are_rejected_not_fatal():
+    deep = ('{"event": "evidence", "token": "' + TOKEN + '", "data": ' + "[" * 100_000 + "]" * 100_000 + "}").encode()
+    msgs, rejected = parse_messages([deep, _line(event="done", token=TOKEN)], TOKEN)
+    assert msgs == [{"event": "done"}] and rejected == 1

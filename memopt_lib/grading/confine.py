@@ -8,7 +8,7 @@ Runs first thing in the grading child (stdlib only), in this order:
    it, read-only, at its own path: the Python prefix(es) and site-packages folders, the kit's
    *package* folder (``memopt_lib/`` -- for an editable install not the checkout around it: no
    ``.git``, ``tests/``, ``solutions/``), the model cache copy, the system libraries
-   (``/usr``, ``/lib*``), the loader cache, ``/sys/devices/system/cpu`` (torch reads the CPU
+   (``/usr/lib*``, ``/lib*``), the loader cache, ``/sys/devices/system/cpu`` (torch reads the CPU
    topology), a few ``/dev`` nodes, and ``/proc`` of the child's own PID namespace. ``/tmp``
    (with the scratch folder ``/tmp/work``) and ``/dev/shm`` are fresh size-limited tmpfs.
    Everything else of the machine -- other checkouts, home folders, solutions wherever they
@@ -50,7 +50,10 @@ def _hide(path: str) -> None:
 
 
 DEV_NODES = ("null", "zero", "full", "random", "urandom")
-SYSTEM = ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/libx32", "/sbin", "/sys/devices/system/cpu")
+# system libraries only (not /usr as a whole: /usr/local, /usr/src or /usr/share may hold anything, a
+# course checkout included); a Python whose prefix is /usr gets /usr through the prefix it needs
+SYSTEM = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32", "/lib", "/lib64", "/lib32", "/libx32",
+          "/sys/devices/system/cpu")
 SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime")
 ROOT_MOUNT = "/tmp"  # where the new root is assembled (covered: the host /tmp is not visible afterwards)
 

@@ -468,7 +468,7 @@ def parse_messages(lines: list[bytes], token: str) -> tuple[list[dict], int]:
             continue
         try:
             msg = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deep enough to exhaust the parser
             rejected += 1
             continue
         if not isinstance(msg, dict) or not hmac.compare_digest(str(msg.pop("token", "")), token):

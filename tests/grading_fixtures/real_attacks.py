@@ -157,7 +157,8 @@ except OSError:
     kit = os.path.dirname(os.path.dirname(memopt_lib.__file__))
     places = [kit + "/solutions/*.ipynb", "@COPY@/*.ipynb", "@COPY@/**/*.ipynb", "/tmp/**/01_*.ipynb",
               "/var/tmp/**/01_*.ipynb", "/work/*/solutions/01_*.ipynb", "/work/*/*/solutions/01_*.ipynb",
-              "/root/**/01_memory_anatomy.ipynb", "/home/**/01_memory_anatomy.ipynb"]
+              "/root/**/01_memory_anatomy.ipynb", "/home/**/01_memory_anatomy.ipynb", "/opt/**/01_*.ipynb",
+              "/srv/**/01_*.ipynb", "/usr/local/**/01_*.ipynb", "/usr/src/**/01_*.ipynb"]
     g = globals()
     for pattern in places:
         for path in glob.glob(pattern, recursive=True):
