@@ -157,7 +157,7 @@ def confine(cfg: dict) -> str:
     apply_rlimits(cfg["limits"])
     if uid is not None:
         drop_privileges(uid, cfg["gid"])
-        # setuid clears "dumpable", which makes /proc/self root-owned; checks need /proc/self/clear_refs
+        # setuid clears "dumpable", which makes /proc/self root-owned; libraries read /proc/self/* (maps, status)
         _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     os.chdir(workdir)
