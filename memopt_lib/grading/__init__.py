@@ -16,7 +16,8 @@ back *data*; the grader decides.
    library's implementations, ``Registry.reference``) collects the reference evidence.
 4. *Canary*: the instructor's solution and the unsolved lab are graded like students; unless
    they score full marks (of what can run here) and 0, the batch stops (exit 2) before any student.
-5. *Students*: one sandboxed child each (:mod:`.sandbox`, :mod:`.confine`, :mod:`.runner`). For
+5. *Students*: one sandboxed child each (:mod:`.sandbox`, :mod:`.child`, :mod:`.confine`,
+   :mod:`.runner`; the protocol and the judging: :mod:`.verdict`). For
    each check the grader sends "run X with seed S"; the child runs the check's *collect* and
    sends plain data. The grader runs the check's *judge* itself, comparing with the reference's
    evidence on the same inputs. For memory checks the grader measures the child from outside
