@@ -86,3 +86,27 @@ def test_plain_rejects_objects():
     with pytest.raises(TypeError):
         plain({"model": torch.nn.Linear(2, 2)})
     assert isinstance(Evidence({}).data, dict)
+
+
+def test_fingerprint_is_chunked_light_and_still_sees_one_element():
+    from memopt_lib.checks.base import FINGERPRINT_CHUNK
+    from memopt_lib.profiler import MemoryTracker
+    w = torch.randn(40 * FINGERPRINT_CHUNK + 17, dtype=torch.float32)  # 10 MB: unchunked it would cost ~100 MB
+    with MemoryTracker("cpu", timeline=False) as tr:
+        fw = fingerprint({"w": w}, seed=5)
+    assert tr.result().peak_bytes - tr.result().start_bytes < 12 * FINGERPRINT_CHUNK * 8  # chunk-sized, not w-sized
+    v = w.clone()
+    v[-1] += 1e-2 * w.norm()  # in the last, partial chunk
+    assert fingerprint_error(fingerprint({"w": v}, seed=5), fw) > 1e-4
+
+
+def test_memory_rise_within_uses_the_sources_slack_and_says_both_numbers():
+    from memopt_lib.checks.base import MEMORY_SLACK_BYTES, MemoryReading, memory_rise_within
+    ref = MemoryReading(300 * 2**20, 200 * 2**20, "cgroup")
+    ok = MemoryReading(310 * 2**20, 200 * 2**20, "cgroup")  # +10 % of the rise: within x1.05 + slack
+    shown = memory_rise_within(ok, ref, 1.05, "the step", "hint")
+    assert shown["allowed_rise_bytes"] == int(1.05 * 100 * 2**20 + MEMORY_SLACK_BYTES["cgroup"])
+    with pytest.raises(AssertionError, match=r"the step raised memory by 130.00 MiB, the reference by 100.00 MiB.*hint"):
+        memory_rise_within(MemoryReading(330 * 2**20, 200 * 2**20, "cgroup"), ref, 1.05, "the step", "hint")
+    with pytest.raises(AssertionError, match="without a memory measurement"):
+        memory_rise_within(None, ref, 1.05, "the step", "hint")

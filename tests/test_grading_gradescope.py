@@ -26,8 +26,8 @@ def test_autograder_zip_grades_a_submission(tmp_path):
         names = set(z.namelist())
         modes = {i.filename: i.external_attr >> 16 for i in z.infolist()}
         z.extractall(root / "source")
-    assert {"setup.sh", "run_autograder", "constraints.txt", "solutions/90_fixture.ipynb", "extra/memopt_fixture_lab90.py",
-            "reference/memopt_fixture_lab90_ref.py", "memopt/pyproject.toml",
+    assert {"setup.sh", "run_autograder", "constraints.txt", "solutions/90_fixture.ipynb",
+            "extra/memopt_fixture_lab90.py", "memopt/pyproject.toml",
             "memopt/memopt_lib/grading/runner.py"} <= names
     pins = (root / "source" / "constraints.txt").read_text()
     from importlib.metadata import version

@@ -115,8 +115,7 @@ def batch(tmp_path_factory):
     stop = threading.Event()
     threading.Thread(target=serve, daemon=True).start()
 
-    import memopt_fixture_lab90_ref as ref
-    subst = {"@SOL@": str(sol_dir), "@OUT@": str(out), "@SUBS@": str(subs), "@REF@": ref.__file__,
+    subst = {"@SOL@": str(sol_dir), "@OUT@": str(out), "@SUBS@": str(subs), "@REF@": str(sol),
              "@PORT@": str(server.getsockname()[1]), "@MARK@": str(mark)}
     fx.write_submission(subs, "honest", fx.student_notebook(fx.SOLUTION_BODIES))
     fx.write_submission(subs, "wrong", fx.student_notebook(fx.WRONG_BODIES))
@@ -243,3 +242,41 @@ def test_isolation_is_real_here():
     if not iso.root:
         pytest.skip("not root: the grader warns that it cannot isolate")
     assert iso.namespaces, iso.warnings
+
+
+# ---------------------------------------------------------------- the canary and the batch's exit status
+def _fixture_batch(tmp_path, solution_bodies=None, subs_text=None, capsys=None):
+    sol_dir, subs, out = tmp_path / "solutions", tmp_path / "subs", tmp_path / "out"
+    sol = fx.write_solution(sol_dir)
+    if solution_bodies:  # an instructor's notebook whose solution is broken
+        nb = nbformat.read(str(sol), as_version=4)
+        for cell in nb.cells:
+            if cell.get("id") in solution_bodies:
+                cell.source = cell.source.replace("    return float((x * x).sum())", solution_bodies[cell.id])
+        nbformat.write(nb, str(sol))
+    for sid, text in (subs_text or {"honest": None}).items():
+        if text is None:
+            fx.write_submission(subs, sid, fx.student_notebook(fx.SOLUTION_BODIES))
+        else:
+            fx.write_submission(subs, sid, text=text)
+    old_base, sandbox.UID_BASE = sandbox.UID_BASE, 64250
+    try:
+        rc = cli.main(["--lab", "90", "--solutions", str(sol_dir), "--checks-module", "memopt_fixture_lab90",
+                       "--submissions", str(subs), "--out", str(out), "--workers", "2", "--quiet",
+                       "--timeout", str(TIMEOUT_S)])
+    finally:
+        sandbox.UID_BASE = old_base
+    return rc, out
+
+
+def test_a_broken_solution_stops_the_batch_before_any_student(tmp_path, capsys):
+    rc, out = _fixture_batch(tmp_path, {"fx-sumsq": "    return float(x.sum())"})
+    err = capsys.readouterr().err
+    assert rc == 2 and "canary failed" in err and "instructor's solution scored 3/5" in err, err
+    assert not (out / "grades.csv").exists()
+
+
+def test_a_batch_where_every_submission_is_ungradable_exits_non_zero(tmp_path, capsys):
+    rc, out = _fixture_batch(tmp_path, subs_text={"a": "{not json", "b": "[]"})
+    assert rc == 3 and "every submission was ungradable" in capsys.readouterr().err
+    assert (out / "grades.csv").exists()

@@ -15,7 +15,10 @@ sys.path.insert(0, str(Path(__file__).parent / "grading_fixtures"))
 import fixture_lab as fx  # noqa: E402
 
 from memopt_lib.grading import rebuild as rb  # noqa: E402
-from memopt_lib.grading.grade import Grade, CheckOutcome, Lab, interpret  # noqa: E402
+from memopt_lib.checks.base import CheckContext, MemoryReading, Registry, fingerprint  # noqa: E402
+from memopt_lib.grading.grade import (CheckOutcome, Grade, Lab, Runtime, Session, judge_session,  # noqa: E402
+                                      max_score_here, not_runnable)
+from memopt_lib.grading.sandbox import Limits  # noqa: E402
 from memopt_lib.grading.guard import Guard  # noqa: E402
 from memopt_lib.grading.report import feedback_html, gradescope_results, write_csv  # noqa: E402
 from memopt_lib.grading.sandbox import Outcome, parse_messages  # noqa: E402
@@ -157,49 +160,112 @@ def lab(sol):
     return Lab.load("90", sol.parent, "memopt_fixture_lab90")
 
 
+def _rt(lab, gpu=False):
+    import torch
+    ctx = CheckContext(torch.device("cuda" if gpu else "cpu"), None, 0)
+    return Runtime(lab, {c.name: 7 for c in lab.registry.checks}, ctx, Limits(timeout_s=10), [], [])
+
+
+def _reading(peak, base, source="cgroup"):
+    return MemoryReading(peak, base, source, {})
+
+
+def _ref_session(lab, rows=16400):
+    import torch
+    import memopt_fixture_lab90 as m
+    ref_ns = lab.registry.reference_namespace()
+    answers = [ref_ns["sum_of_squares"](x) for x in m.sum_inputs(7)]
+    x = torch.ones(rows)  # stand-in output: only its fingerprint is compared
+    s = Session(ready=True, outcome=_outcome([]))
+    s.replies["sum_of_squares_values"] = ({"event": "evidence", "data": {"answers": answers}}, None)
+    s.replies["row_norms_lean"] = ({"event": "evidence", "data": {
+        "rows": rows, "input_bytes": 64 * 2**20, "shape_ok": True, "y": fingerprint({"y": x.double()}, 7)}},
+        _reading(300 * 2**20, 200 * 2**20))
+    return s
+
+
 def _outcome(msgs, rc=0, timed_out=False):
     return Outcome(msgs, rc, timed_out, 1.0, 0, "")
 
 
-def test_scores_come_from_the_grader_not_the_child(lab):
-    msgs = [{"event": "start", "check": "row_norms_lean"},
-            {"event": "result", "check": "row_norms_lean", "status": "passed", "score": 1000, "measurements": {}},
-            {"event": "done"}]
-    checks, status, _ = interpret(lab, _outcome(msgs), 0, 10)
+def test_the_verdict_is_the_judges_not_the_childs(lab):
+    ref = _ref_session(lab)
+    s = Session(ready=True, outcome=_outcome([]))
+    good = ref.replies["sum_of_squares_values"][0]["data"]["answers"]
+    s.replies["sum_of_squares_values"] = ({"event": "evidence", "data": {"answers": [a + 1 for a in good]},
+                                           "status": "passed", "score": 1000}, None)
+    s.replies["row_norms_lean"] = ({"event": "raised", "status": "passed", "message": "trust me", "score": 3}, None)
+    checks, status, _ = judge_session(_rt(lab), s, ref, 10)
     by = {c.name: c for c in checks}
-    assert by["row_norms_lean"].score == 3.0 and by["sum_of_squares_values"].status == "not_run"
+    assert status == "graded" and [c.score for c in checks] == [0.0, 0.0]
+    assert by["sum_of_squares_values"].status == "failed" and "expected" in by["sum_of_squares_values"].message
+    assert by["row_norms_lean"].status == "error"  # a child cannot report "passed"
+    s.replies["sum_of_squares_values"] = ({"event": "evidence", "data": {"answers": good}}, None)
+    checks, _, _ = judge_session(_rt(lab), s, ref, 10)
+    assert checks[0].status == "passed" and checks[0].score == 2.0
 
 
-@pytest.mark.parametrize("msgs", [
-    [{"event": "result", "check": "row_norms_lean", "status": "passed"}],                      # no start
-    [{"event": "start", "check": "row_norms_lean"},
-     {"event": "result", "check": "row_norms_lean", "status": "passed"},
-     {"event": "result", "check": "row_norms_lean", "status": "passed"}],                      # twice
-    [{"event": "start", "check": "bonus"}, {"event": "result", "check": "bonus", "status": "passed"}],  # not asked
-])
-def test_suspicious_message_sequences_are_tampering(lab, msgs):
-    checks, status, reason = interpret(lab, _outcome(msgs + [{"event": "done"}]), 0, 10)
+def test_memory_is_judged_against_the_reference_runs_baseline(lab):
+    """A student whose process sat high at the window's start (memory allocated and freed before, held by the
+    allocator) cannot hide a rise: the baseline is the reference run's level, not the student's."""
+    ref = _ref_session(lab)
+    data = dict(ref.replies["row_norms_lean"][0]["data"])
+    lean = Session(ready=True, outcome=_outcome([]))
+    lean.replies["row_norms_lean"] = ({"event": "evidence", "data": data}, _reading(302 * 2**20, 200 * 2**20))
+    inflated = Session(ready=True, outcome=_outcome([]))  # own baseline 290 MiB: own rise only 74 MiB
+    inflated.replies["row_norms_lean"] = ({"event": "evidence", "data": data}, _reading(364 * 2**20, 290 * 2**20))
+    got = {n: {c.name: c for c in judge_session(_rt(lab), s, ref, 10)[0]}["row_norms_lean"]
+           for n, s in (("lean", lean), ("inflated", inflated))}
+    assert got["lean"].status == "passed", got["lean"].message
+    assert got["inflated"].status == "failed" and "reference" in got["inflated"].message
+    assert got["inflated"].measurements["meter"]["own_baseline_bytes"] == 290 * 2**20
+
+
+def test_malformed_evidence_fails_instead_of_crashing_the_grader(lab):
+    ref = _ref_session(lab)
+    s = Session(ready=True, outcome=_outcome([]))
+    s.replies["sum_of_squares_values"] = ({"event": "evidence", "data": {"answers": "junk"}}, None)
+    s.replies["row_norms_lean"] = ({"event": "evidence", "data": {"shape_ok": True, "y": {"z": [1]}}},
+                                   _reading(1, 1))
+    checks, status, _ = judge_session(_rt(lab), s, ref, 10)
+    assert status == "graded" and [c.status for c in checks] == ["failed", "failed"]
+
+
+def test_tampering_and_setup_errors(lab):
+    ref = _ref_session(lab)
+    s = Session(ready=True, tampering=["unexpected message 'evidence' while sum_of_squares_values ran"],
+                outcome=_outcome([]))
+    s.replies = dict(ref.replies)  # even perfect evidence
+    checks, status, reason = judge_session(_rt(lab), s, ref, 10)
     assert status == "tampering" and all(c.score == 0 and c.status == "failed" for c in checks), reason
-
-
-def test_answers_are_reverified_in_the_grader(lab):
-    import memopt_fixture_lab90 as m
-    good = [float((x * x).sum()) for x in m.sum_inputs(7)]
-    for answers, want in ((good, "passed"), ([42.0] * len(good), "failed"), ("junk", "failed")):
-        msgs = [{"event": "start", "check": "sum_of_squares_values"},
-                {"event": "result", "check": "sum_of_squares_values", "status": "passed",
-                 "measurements": {"answers": answers}}, {"event": "done"}]
-        checks, _, _ = interpret(lab, _outcome(msgs), 7, 10)
-        assert checks[0].status == want
+    s = Session(setup_error="ModuleNotFoundError: No module named 'memopt_lib.checks'", outcome=_outcome([]))
+    checks, status, reason = judge_session(_rt(lab), s, ref, 10)
+    assert status == "ungradable" and "ModuleNotFoundError" in reason
 
 
 @pytest.mark.parametrize("rc,timed_out,want", [(-signal.SIGKILL, True, "timeout"), (-signal.SIGXCPU, False, "timeout"),
                                                (-signal.SIGKILL, False, "oom"), (-signal.SIGSEGV, False, "crashed"),
                                                (0, False, "crashed")])
 def test_a_silent_death_is_classified_by_the_parent(lab, rc, timed_out, want):
-    msgs = [{"event": "start", "check": "sum_of_squares_values"}]
-    checks, status, _ = interpret(lab, _outcome(msgs, rc, timed_out), 0, 10)
+    ref = _ref_session(lab)
+    s = Session(ready=True, stopped_at="sum_of_squares_values", outcome=_outcome([], rc, timed_out))
+    checks, status, _ = judge_session(_rt(lab), s, ref, 10)
     assert [c.status for c in checks] == [want, "not_run"] and status == "graded"
+    s = Session(ready=False, outcome=_outcome([], rc, timed_out))  # died while its cells ran
+    assert [c.status for c in judge_session(_rt(lab), s, ref, 10)[0]] == [want, want]
+
+
+def test_gpu_only_and_legacy_checks_are_not_run_and_not_counted():
+    import torch
+    reg = Registry(lab="97", reference=lambda: {"f": lambda: 1})
+    reg.check(points=2, needs=["f"])(lambda ns, ctx: {}).judge(lambda got, ref, ctx: None)
+    reg.check(points=3, needs=["f"], gpu_only=True)(lambda ns, ctx: {}).judge(lambda got, ref, ctx: None)
+    reg.check(points=5, needs=["f"])(lambda ns, ctx: None)  # legacy: asserts in-process, no judge
+    reg.checks[1].name, reg.checks[2].name = "gpu", "legacy"
+    cpu = CheckContext(torch.device("cpu"), None, 0)
+    assert max_score_here(reg, cpu) == 2 and reg.max_score == 10
+    assert "CUDA" in not_runnable(reg.checks[1], cpu) and "legacy" in not_runnable(reg.checks[2], cpu)
+    assert max_score_here(reg, CheckContext(torch.device("cuda"), None, 0)) == 5
 
 
 # ---------------------------------------------------------------- guard (photograph only: no audit arming here)
@@ -223,7 +289,8 @@ def test_guard_sees_replaced_functions_code_and_added_attributes():
 
 # ---------------------------------------------------------------- reports
 def _grade(msg="<script>alert(1)</script>", sid="s1"):
-    return Grade(student_id=sid, lab="90", status="graded", score=0.0, max_score=5.0, notebook="=cmd|' /C calc'!A0",
+    return Grade(student_id=sid, lab="90", status="graded", score=0.0, max_score=5.0, max_score_here=5.0,
+                 notebook="=cmd|' /C calc'!A0",
                  checks=[CheckOutcome("row_norms_lean", "error", 0.0, 3.0, msg, {"peak_allocated_bytes": 10})],
                  output_tail="<img src=x onerror=alert(1)>")
 
@@ -271,3 +338,16 @@ def test_two_graders_never_share_a_sandbox_uid(monkeypatch):
         assert len(set(a.uids) | set(b.uids)) == 4
     with sandbox.UidPool(1) as c:  # released: reusable
         assert c.uids[0] in a.uids
+
+
+def test_reports_say_what_could_not_run_here():
+    g = _grade(msg="x")
+    g.max_score_here = 3.0
+    assert "max score on this grader: 3 of 5" in gradescope_results(g)["output"]
+    assert "max score on this grader: 3" in feedback_html(g)
+
+
+def test_deeply_nested_messages_are_rejected_not_fatal():
+    deep = ('{"event": "evidence", "token": "' + TOKEN + '", "data": ' + "[" * 100_000 + "]" * 100_000 + "}").encode()
+    msgs, rejected = parse_messages([deep, _line(event="done", token=TOKEN)], TOKEN)
+    assert msgs == [{"event": "done"}] and rejected == 1

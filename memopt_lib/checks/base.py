@@ -227,23 +227,34 @@ def plain(obj, depth: int = 0):
     raise TypeError(f"collected data must be plain JSON values, got {type(obj).__name__}")
 
 
+FINGERPRINT_CHUNK = 1 << 16
+
+
 def fingerprint(tensors: Mapping[str, torch.Tensor], seed: int, k: int = 3) -> dict[str, list[float]]:
     """Each tensor as ``k`` projections onto random +-1 vectors and its norm, in float64.
 
     Small enough to send as JSON, impossible to produce without the tensor itself: the projection
     vectors depend on ``seed``, which the student's code never chooses. :func:`fingerprint_error`
-    compares two fingerprints. ``None`` entries (no gradient) are kept as ``None``.
+    compares two fingerprints. ``None`` entries (no gradient) are kept as ``None``. Computed in
+    chunks of ``FINGERPRINT_CHUNK`` elements, so that fingerprinting inside a memory check adds
+    about ``80 x FINGERPRINT_CHUNK`` bytes (5 MB), not a multiple of the tensor.
     """
     out: dict[str, list[float] | None] = {}
     for name, t in tensors.items():
         if t is None:
             out[name] = None
             continue
-        flat = t.detach().to("cpu", torch.float64).reshape(-1)
+        flat = t.detach().reshape(-1)
         salt = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
         g = torch.Generator().manual_seed((seed * 7919 + salt) % (2**63))
-        signs = torch.randint(0, 2, (k, flat.numel()), generator=g, dtype=torch.int8).to(torch.float64) * 2 - 1
-        out[name] = [float(v) for v in (signs @ flat).tolist()] + [float(flat.norm())]
+        proj = torch.zeros(k, dtype=torch.float64)
+        sq = 0.0
+        for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
+            part = flat[start:start + FINGERPRINT_CHUNK].to("cpu", torch.float64)
+            signs = torch.randint(0, 2, (k, part.numel()), generator=g, dtype=torch.int8).to(torch.float64) * 2 - 1
+            proj += signs @ part
+            sq += float(part.dot(part))
+        out[name] = [float(v) for v in proj.tolist()] + [math.sqrt(sq)]
     return out
 
 
@@ -389,6 +400,31 @@ def run_checks(registry: Registry, ns: Mapping[str, Any], ctx: CheckContext | No
     chosen = [c for c in registry if wanted is None or c.name in wanted]
     reference_ns = registry.reference_namespace() if any(c.trusted for c in chosen) else None
     return [run_check(c, ns, ctx, reference_ns) for c in chosen]
+
+
+# What a memory reading may differ by between two processes doing the same work, per source
+# (measured on the 2-core CPU machine, tests/test_grading_meter.py): the tracker counts tensor
+# storages exactly; the grader's outside sources also see the interpreter, allocator rounding and
+# modules imported lazily inside the window.
+MEMORY_SLACK_BYTES = {"tracker": 256 * 1024, "cgroup": 6 * 2**20, "rss": 8 * 2**20, "cuda-driver": 64 * 2**20}
+
+
+def memory_rise_within(got: MemoryReading | None, ref: MemoryReading | None, ratio: float, what: str,
+                       hint: str) -> dict:
+    """The memory half of a judge: the student's rise at most ``ratio`` x the reference's, plus the source's slack.
+
+    A rise is the window's peak above ``baseline_bytes``; in the grader both readings carry the
+    *reference run's* level at the window's start as their baseline. Raises ``AssertionError``
+    with both numbers and ``hint``; returns the numbers to show otherwise.
+    """
+    from ..profiler import fmt_bytes
+    assert got is not None and ref is not None, "checker error: this check was run without a memory measurement"
+    slack = MEMORY_SLACK_BYTES.get(got.source, MEMORY_SLACK_BYTES["rss"])
+    allowed = ratio * ref.delta_bytes + slack
+    assert got.delta_bytes <= allowed, (
+        f"{what} raised memory by {fmt_bytes(got.delta_bytes)}, the reference by {fmt_bytes(ref.delta_bytes)} "
+        f"(allowed: x{ratio:g} + {fmt_bytes(slack)}, measured by {got.source}). {hint}")
+    return {"rise_bytes": got.delta_bytes, "reference_rise_bytes": ref.delta_bytes, "allowed_rise_bytes": int(allowed)}
 
 
 def within_anchor_budget(peak_allocated_bytes: int, anchor_row: str, margin: float) -> dict:

@@ -4,11 +4,13 @@
     memopt-grade gradescope --lab 01 --out autograder.zip
 
 ``DIR/<student_id>/`` holds that student's ``01_*.ipynb``. Writes ``OUT/grades.csv`` (one row per
-submission: ``graded`` flag, score -- empty when ungradable --, per-check scores and statuses, peak
-memory in MiB and bytes), ``OUT/results/<student_id>.json`` (Gradescope's schema),
+submission: ``graded`` flag, score -- empty when ungradable --, the maximum of what can run here, per-check
+scores and statuses, peak memory in MiB and bytes), ``OUT/results/<student_id>.json`` (Gradescope's schema),
 ``OUT/feedback/<student_id>.html`` (checks, measured memory against the reference, the learner's
 explanations) and, for labs with written explanations, ``OUT/explanations.html`` and
-``OUT/explanations.csv`` for the instructor. Exit status 0 whenever the batch ran, whatever the grades.
+``OUT/explanations.csv`` for the instructor. Exit status 0 when the batch ran, whatever the grades; 2 when
+the reference run or the canary (the instructor's solution must get full marks of what can run here, the
+unsolved lab 0) failed and no student was graded; 3 when every submission was ungradable.
 """
 from __future__ import annotations
 
@@ -96,14 +98,22 @@ def grade_main(argv: list[str]) -> int:
         write_one(g, args.out, ex.answers_html(questions, answers[g.student_id]))
 
     t0 = time.perf_counter()
-    grades = grade_batch(lab, args.submissions, args.out, workers=max(1, args.workers), limits=limits,
-                         progress=not args.quiet, on_grade=on_grade)
+    from .grade import BatchError
+    try:
+        grades = grade_batch(lab, args.submissions, args.out, workers=max(1, args.workers), limits=limits,
+                             progress=not args.quiet, on_grade=on_grade)
+    except BatchError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - t0
     write_csv(grades, args.out / "grades.csv", [c.name for c in lab.registry.checks])
     ex.write_report(lab.lab, questions, answers, args.out)
     per = elapsed / len(grades) if grades else 0.0
     print(f"graded {len(grades)} submission(s) of lab {lab.lab} in {elapsed:.1f} s "
           f"({per:.2f} s per submission, {args.workers} worker(s)); wrote {args.out / 'grades.csv'}")
+    if grades and all(g.status == "ungradable" for g in grades):
+        print("ERROR: every submission was ungradable (see the reason column of grades.csv)", file=sys.stderr)
+        return 3
     return 0
 
 

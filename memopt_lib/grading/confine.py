@@ -2,15 +2,18 @@
 
 Runs first thing in the grading child (stdlib only), in this order:
 
-1. **Mounts** (only inside the private mount namespace that ``unshare --mount`` gave us,
-   so nothing here is visible to the rest of the machine): every path the grader must
-   hide (instructor solutions, reference modules, other students' submissions, the output
-   folder) is covered by an empty, mode-000 tmpfs (a file by ``/dev/null``); ``/tmp``,
-   ``/var/tmp`` and ``/dev/shm`` become fresh size-limited tmpfs (paths the grader must
-   keep, such as the model cache, are bind-mounted back read-only); a closed folder holding
-   the interpreter (``/root`` with a pyenv Python) is replaced by an empty one with only the
-   interpreter bound back (:func:`expose`); the scratch folder
-   ``/tmp/work`` lives on that tmpfs and vanishes with the namespace.
+1. **An allow-listed root** (only inside the private mount namespace that ``unshare --mount``
+   gave us, so nothing here is visible to the rest of the machine): a fresh tmpfs becomes the
+   child's ``/`` (:func:`build_root`), and only what the grader allowed is bind-mounted into
+   it, read-only, at its own path: the Python prefix(es) and site-packages folders, the kit's
+   *package* folder (``memopt_lib/`` -- for an editable install not the checkout around it: no
+   ``.git``, ``tests/``, ``solutions/``), the model cache copy, the system libraries
+   (``/usr/lib*``, ``/lib*``), the loader cache, ``/sys/devices/system/cpu`` (torch reads the CPU
+   topology), a few ``/dev`` nodes, and ``/proc`` of the child's own PID namespace. ``/tmp``
+   (with the scratch folder ``/tmp/work``) and ``/dev/shm`` are fresh size-limited tmpfs.
+   Everything else of the machine -- other checkouts, home folders, solutions wherever they
+   are copied, other submissions, the output folder -- does not exist in there. Paths in
+   ``hide`` that fall inside an allowed folder are covered by empty mounts as well.
 2. **rlimits**: CPU seconds, data segment (heap) bytes, processes/threads, file size,
    no core dumps.
 3. **Privileges**: supplementary groups dropped, gid/uid set to the sandbox user (this is
@@ -46,74 +49,76 @@ def _hide(path: str) -> None:
         _mount("/dev/null", path, None, MS_BIND)
 
 
-def _fresh_tmpfs(path: str, size_mb: int, keep: list[str]) -> None:
-    if not os.path.isdir(path):
-        return
-    keep_here = [k for k in _open_dirs(keep) if k.startswith(path.rstrip("/") + "/")]
-    fds = [(k, os.open(k, os.O_PATH | os.O_DIRECTORY)) for k in keep_here]
-    _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mb}m,mode=1777")
-    for k, fd in fds:  # the grader's read-only inputs under /tmp (e.g. MEMOPT_CACHE)
-        os.makedirs(k, exist_ok=True)
-        _mount(f"/proc/self/fd/{fd}", k, None, MS_BIND)
-        _mount("none", k, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        os.close(fd)
+DEV_NODES = ("null", "zero", "full", "random", "urandom")
+# system libraries only (not /usr as a whole: /usr/local, /usr/src or /usr/share may hold anything, a
+# course checkout included); a Python whose prefix is /usr gets /usr through the prefix it needs
+SYSTEM = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32", "/lib", "/lib64", "/lib32", "/libx32",
+          "/sys/devices/system/cpu")
+SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+ROOT_MOUNT = "/tmp"  # where the new root is assembled (covered: the host /tmp is not visible afterwards)
 
 
-def _open_dirs(paths: list[str]) -> list[str]:
-    """Real paths of the folders others may list and enter (a closed one, e.g. a 700 cwd, is left out),
-    shallow first, so that a deeper bind mount lands on top of a shallower one."""
-    out = set()
-    for p in paths:
-        try:
-            if os.path.isdir(p) and os.stat(p).st_mode & 0o005 == 0o005:
-                out.add(os.path.realpath(p))
-        except OSError:
-            pass
-    return sorted(out, key=lambda q: (q.count("/"), q))
+def _bind_ro(fd: int, target: str, is_dir: bool) -> None:
+    if is_dir:
+        os.makedirs(target, mode=0o755, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        if not os.path.exists(target):
+            open(target, "w").close()
+    _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+    _mount("none", target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def _closed_ancestor(path: str) -> str | None:
-    """The highest folder above ``path`` that others may not enter (e.g. ``/root``, mode 700)."""
-    parts = path.strip("/").split("/")
-    for i in range(1, len(parts)):
-        anc = "/" + "/".join(parts[:i])
-        try:
-            if not os.stat(anc).st_mode & 0o001:
-                return anc
-        except OSError:
-            return None
-    return None
-
-
-def expose(paths: list[str]) -> None:
-    """Make ``paths`` (the interpreter, site-packages, the course code) reachable for the sandbox uid.
-
-    A path below a closed folder (a venv whose base Python lives in ``/root``) is reached by
-    covering the closed folder with an empty tmpfs and bind-mounting the path back, read-only,
-    at the same place: the sandbox sees the interpreter and nothing else of that folder.
-    """
-    veils: dict[str, list[str]] = {}
-    for p in _open_dirs(paths):
-        anc = _closed_ancestor(p)
-        if anc is not None:
-            veils.setdefault(anc, []).append(p)
-    for anc, inner in veils.items():
-        fds = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in inner]
-        _mount("tmpfs", anc, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
-        for p, fd in fds:
-            os.makedirs(p, mode=0o755, exist_ok=True)
-            _mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
-            _mount("none", p, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-            os.close(fd)
-
-
-def apply_mounts(hide: list[str], keep: list[str], tmpfs_mb: int, visible: list[str] = ()) -> None:
+def build_root(allow: list[str], hide: list[str], tmpfs_mb: int, uid: int | None) -> str:
+    """Assemble the allow-listed root described in the module docstring and ``chroot`` into it."""
     _mount("none", "/", None, MS_REC | MS_PRIVATE)  # our mounts never propagate to the host
-    expose(list(visible))
-    for path in ("/tmp", "/var/tmp", "/dev/shm"):  # code the child imports may live under /tmp: bind it back
-        _fresh_tmpfs(path, tmpfs_mb, list(keep) + list(visible))
-    for path in hide:  # last, so that nothing bound back above can uncover a secret
-        _hide(path)
+    wanted = [p for p in dict.fromkeys(list(SYSTEM) + list(SYSTEM_FILES) + list(allow)) if os.path.lexists(p)]
+    links, sources = {}, {}
+    for p in wanted:
+        real = os.path.realpath(p)
+        if real != p.rstrip("/"):
+            links[p.rstrip("/")] = real
+        if os.path.exists(real) and real != "/":
+            sources[real] = os.open(real, os.O_PATH | (os.O_DIRECTORY if os.path.isdir(real) else 0))
+    devs = {d: os.open(f"/dev/{d}", os.O_PATH) for d in DEV_NODES if os.path.exists(f"/dev/{d}")}
+    proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY)
+    new = ROOT_MOUNT
+    _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=8m,mode=755")
+    for path in ("/tmp", "/dev/shm"):  # first: allowed folders under /tmp (a kit, the model cache) bind on top
+        os.makedirs(new + path, exist_ok=True)
+        _mount("tmpfs", new + path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(tmpfs_mb)}m,mode=1777")
+    for real in sorted(sources, key=lambda q: (q.count("/"), q)):  # shallow first: deeper binds land on top
+        _bind_ro(sources[real], new + real, os.path.isdir(f"/proc/self/fd/{sources[real]}"))
+    for link, real in links.items():
+        dst = new + link
+        if not os.path.lexists(dst):
+            os.makedirs(os.path.dirname(dst), mode=0o755, exist_ok=True)
+            os.symlink(real, dst)
+    os.makedirs(new + "/proc", exist_ok=True)
+    _mount(f"/proc/self/fd/{proc}", new + "/proc", None, MS_BIND | MS_REC)
+    os.makedirs(new + "/dev", mode=0o755, exist_ok=True)
+    for d, fd in devs.items():
+        open(new + f"/dev/{d}", "w").close()
+        _mount(f"/proc/self/fd/{fd}", new + f"/dev/{d}", None, MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, new + f"/dev/{name}")
+    os.makedirs(new + "/var", mode=0o755, exist_ok=True)
+    os.symlink("/tmp", new + "/var/tmp")
+    os.makedirs(new + "/etc", mode=0o755, exist_ok=True)
+    user = f"sandbox:x:{uid}:{uid}:memopt sandbox:/tmp/work:/bin/false\n" if uid is not None else ""
+    with open(new + "/etc/passwd", "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/false\n" + user)
+    with open(new + "/etc/group", "w") as f:
+        f.write("root:x:0:\n" + (f"sandbox:x:{uid}:\n" if uid is not None else ""))
+    for p in hide:  # a secret inside an allowed folder (e.g. solutions copied into site-packages)
+        _hide(new + os.path.realpath(p)) if os.path.lexists(new + os.path.realpath(p)) else None
+    for fd in list(sources.values()) + list(devs.values()) + [proc]:
+        os.close(fd)  # an O_PATH fd to an outside folder would be a way out of the new root
+    _mount("none", new, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=8m,mode=755")
+    os.chroot(new)
+    os.chdir("/")
+    return "/"
 
 
 def apply_rlimits(limits: dict) -> None:
@@ -143,7 +148,7 @@ def confine(cfg: dict) -> str:
     """
     workdir = cfg.get("workdir") or WORKDIR
     if cfg.get("mounts"):
-        apply_mounts(cfg.get("hide", []), cfg.get("keep", []), int(cfg["limits"]["tmpfs_mb"]), cfg.get("expose", []))
+        build_root(cfg.get("allow", []), cfg.get("hide", []), int(cfg["limits"]["tmpfs_mb"]), cfg.get("uid"))
         os.makedirs(workdir, exist_ok=True)
     uid = cfg.get("uid")
     if uid is not None and os.path.isdir(workdir):
@@ -152,7 +157,7 @@ def confine(cfg: dict) -> str:
     apply_rlimits(cfg["limits"])
     if uid is not None:
         drop_privileges(uid, cfg["gid"])
-        # setuid clears "dumpable", which makes /proc/self root-owned; checks need /proc/self/clear_refs
+        # setuid clears "dumpable", which makes /proc/self root-owned; libraries read /proc/self/* (maps, status)
         _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     os.chdir(workdir)

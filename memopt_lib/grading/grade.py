@@ -1,40 +1,66 @@
-"""Grade submissions: rebuild, run sandboxed, and turn what was observed into statuses and scores.
+"""Grade a batch: one reference run, a canary, then every submission; every verdict decided here.
 
-Everything here runs in the grader's own process and trusts nothing that came out of
-the child except token-bearing JSON messages about checks it asked for; it computes
-every score itself (a check's points if it passed, else 0), re-verifies answers
-against the reference in this process where the check module offers a verifier, and
-decides what a silent death means (timeout, oom, crashed) from what it saw itself.
+The protocol, for one batch of one lab:
+
+1. **Seeds.** The grader draws one seed per check, fresh for this batch. A child learns a
+   check's seed only in the command that starts that check.
+2. **Reference run.** A sandboxed child in ``reference`` mode builds the lab's reference
+   namespace (``Registry.reference``: the library's implementations, never student code) and
+   runs every check's *collect* on those seeds; the grader keeps the evidence and, for memory
+   checks, the memory it measured from outside (:mod:`.meter`).
+3. **Canary.** The instructor's solution and the unsolved lab are graded exactly like students
+   (same sandbox, same seeds). The solution must get full marks of what can run here and the
+   unsolved lab 0, or the batch stops with :class:`BatchError` before any student is graded.
+4. **Students**, ``workers`` at a time. For each check that can run on this machine the grader
+   opens a memory window, sends "run check X with seed S", and closes the window when the
+   evidence arrives. The *judge* then runs here, in the grader, on the student's evidence and
+   the reference's: answers compared with the reference's on the same inputs, memory compared
+   with the reference's window in this batch, with the reference run's level at the window's
+   start as the baseline of both (the student's process cannot inflate it).
+
+A check that cannot run here -- GPU-only on a CPU grader, or a *legacy* check whose verdict
+would have to come from inside the student's process -- is ``not_run`` by the grader's own
+decision, and ``max_score_here`` leaves it out. Every other number in a :class:`Grade` is
+computed here; nothing the child says is a score. One child's session and its judging are in
+:mod:`.verdict`.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import secrets
+import shutil
+import tempfile
 import traceback
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from queue import Queue
-from types import ModuleType
 
-from ..checks.base import STATUSES, CheckResult, Registry
+from ..checks.base import Check, CheckContext, Registry
 from .rebuild import Ungradable, find_notebook, rebuild
-from .sandbox import Limits, Outcome, UidPool, run_child
+from .sandbox import Limits, UidPool, kit_package_dir
+from .verdict import CheckOutcome, Runtime, Session, judge_session, max_score_here, not_runnable, run_session
 
 STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,99}$")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+CANARY_TIMEOUT_S = 600.0  # the instructor's code gets at least this long, whatever --timeout says
+
+
+class BatchError(RuntimeError):
+    """The batch cannot be graded fairly (reference run or canary failed); the message says why."""
 
 
 @dataclass
 class Lab:
-    """The instructor's side of one lab: solution notebook, check module, optional reference verifier."""
+    """The instructor's side of one lab: solution notebook and check module."""
 
     lab: str
     solution: Path
     checks_module: str
     registry: Registry
-    reference: ModuleType | None = None
+    module_file: str | None = None
 
     @classmethod
     def load(cls, lab: str, solutions: Path | None = None, checks_module: str | None = None) -> "Lab":
@@ -42,7 +68,9 @@ class Lab:
         solutions = Path(solutions or REPO_ROOT / "solutions")
         found = sorted(solutions.glob(f"{lab}_*.ipynb"))
         if len(found) != 1:
-            raise SystemExit(f"expected one {lab}_*.ipynb in {solutions}, found {[p.name for p in found]}")
+            hint = "" if solutions.is_dir() else (" (a pip-installed kit ships no solutions: pass --solutions with the "
+                                                  "folder of the instructor's notebooks)")
+            raise SystemExit(f"expected one {lab}_*.ipynb in {solutions}, found {[p.name for p in found]}{hint}")
         if checks_module is None:
             from ..checks import lab_topics
             topics = lab_topics()
@@ -50,22 +78,20 @@ class Lab:
                 raise SystemExit(f"no check module for lab {lab} in memopt_lib/checks")
             checks_module = f"memopt_lib.checks.lab{lab}_{topics[lab]}"
         module = importlib.import_module(checks_module)
-        ref_name = getattr(module, "REFERENCE", None)
-        reference = importlib.import_module(ref_name) if ref_name else None
-        return cls(lab, found[0], checks_module, module.CHECKS, reference)
+        return cls(lab, found[0], checks_module, module.CHECKS, getattr(module, "__file__", None))
 
     @property
     def secret_paths(self) -> list[str]:
-        """Files the student's code must not read while it runs."""
-        paths = [str(self.solution.parent.resolve()), str((REPO_ROOT / "solutions").resolve())]
-        if self.reference is not None and getattr(self.reference, "__file__", None):
-            paths.append(str(Path(self.reference.__file__).resolve()))
-        return paths
+        """Folders the student's code must not see (also covered if they lie inside an allowed folder)."""
+        return [str(self.solution.parent.resolve()), str((REPO_ROOT / "solutions").resolve())]
 
-
-# The grader's record of a check is the same plain data a notebook's check run produces
-# (name, status, score, max_score, message, measurements); only the grader fills it, from the child's report.
-CheckOutcome = CheckResult
+    @property
+    def extra_allowed(self) -> list[str]:
+        """A check module outside the kit's package (``--checks-module``): the child must import it."""
+        if not self.module_file:
+            return []
+        path = str(Path(self.module_file).resolve())
+        return [] if path.startswith(kit_package_dir() + os.sep) else [path]
 
 
 @dataclass
@@ -84,115 +110,98 @@ class Grade:
     max_rss_bytes: int | None = None
     wall_s: float = 0.0
     output_tail: str = ""
+    max_score_here: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def interpret(lab: Lab, outcome: Outcome, seed: int, timeout_s: float) -> tuple[list[CheckOutcome], str, str]:
-    """Checks' statuses from the child's messages and its death; ``(checks, status, reason)``."""
-    asked = [c for c in lab.registry.checks]
-    results: dict[str, CheckOutcome] = {}
-    started: list[str] = []
-    tampering: list[str] = []
-    cell_errors = []
-    setup_error = ""
-    for msg in outcome.messages:
-        ev = msg.get("event")
-        if ev == "cell" and msg.get("status") != "ok":
-            cell_errors.append((str(msg.get("status")), f"cell {msg.get('id')}: {str(msg.get('message'))[:1000]}"))
-        elif ev == "start" and msg.get("check") in {c.name for c in asked}:
-            started.append(msg["check"])
-        elif ev == "result":
-            name = msg.get("check")
-            check = next((c for c in asked if c.name == name), None)
-            if check is None or name in results or not started or started[-1] != name:
-                tampering.append(f"unexpected result message for {name!r}")
-                continue
-            status = msg.get("status") if msg.get("status") in STATUSES else "error"
-            meas = msg.get("measurements") if isinstance(msg.get("measurements"), dict) else {}
-            results[name] = CheckOutcome(name, status, 0.0, check.points, str(msg.get("message", ""))[:2000], meas)
-        elif ev == "tampering":
-            tampering += [str(p)[:300] for p in (msg.get("problems") or ["unspecified"])][:20]
-        elif ev == "setup_error":
-            setup_error = str(msg.get("message"))[:1000]
-    if len(started) != len(set(started)):
-        tampering.append("a check was started twice")
-    done = any(m.get("event") == "done" for m in outcome.messages)
-    if tampering:
-        why = "tampering: " + "; ".join(dict.fromkeys(tampering))
-        return [CheckOutcome(c.name, "failed", 0.0, c.points, why) for c in asked], "tampering", why
-    if setup_error:
-        return ([CheckOutcome(c.name, "not_run", 0.0, c.points, "grader setup failed") for c in asked],
-                "ungradable", f"grader setup failed: {setup_error}")
-    death_status, death_msg = _death(outcome, timeout_s)
-    out = []
-    for c in asked:
-        r = results.get(c.name)
-        if r is None:
-            if done:
-                r = CheckOutcome(c.name, "not_run", 0.0, c.points, "the grader got no result for this check")
-            elif started and started[-1] == c.name or not started:
-                r = CheckOutcome(c.name, death_status, 0.0, c.points, death_msg)
-            else:
-                r = CheckOutcome(c.name, "not_run", 0.0, c.points, f"not run: the submission stopped ({death_msg})")
-        elif r.status == "not_run" and cell_errors:
-            r.status, r.message = cell_errors[0][0] if cell_errors[0][0] in STATUSES else "error", cell_errors[0][1]
-        if r.status == "passed":
-            r = _reverify(lab, r, seed)
-        r.score = r.max_score if r.status == "passed" else 0.0
-        out.append(r)
-    return out, "graded", ""
-
-
-def _death(outcome: Outcome, timeout_s: float) -> tuple[str, str]:
-    import signal
-    sig = outcome.signal
-    if outcome.timed_out or sig == signal.SIGXCPU:
-        return "timeout", f"time limit reached ({timeout_s:g} s wall clock or the CPU-time limit)"
-    if sig == signal.SIGKILL:
-        return "oom", "the process was killed (SIGKILL), most likely for using too much memory"
-    if sig == signal.SIGXFSZ:
-        return "crashed", "a file grew past the file-size limit"
-    if sig is not None:
-        return "crashed", f"the process died of signal {signal.Signals(sig).name}"
-    return "crashed", f"the process exited (code {outcome.returncode}) before reporting"
-
-
-def _reverify(lab: Lab, r: CheckOutcome, seed: int) -> CheckOutcome:
-    """Re-check a passed check's answers in the grader's process, if the lab has a verifier for it."""
-    fn = getattr(lab.reference, f"verify_{r.name}", None) if lab.reference else None
-    if fn is None:
-        return r
-    try:
-        fn(r.measurements, seed)
-    except AssertionError as err:
-        return CheckOutcome(r.name, "failed", 0.0, r.max_score, f"answer check in the grader: {err}")
-    except Exception as err:  # noqa: BLE001 - malformed values sent by the child
-        return CheckOutcome(r.name, "failed", 0.0, r.max_score, f"answers could not be verified: {err!r}"[:500])
-    return r
-
-
-def grade_one(lab: Lab, student_dir: Path, *, uid: int | None, limits: Limits, hide: list[str], keep: list[str],
-              threads: int = 1, cache: str | None = None) -> Grade:
-    sid = student_dir.name
-    base = dict(student_id=sid, lab=lab.lab, max_score=lab.registry.max_score)
-    try:
-        nb_path = find_notebook(student_dir, lab.lab, lab.solution.name)
-        built = rebuild(lab.solution, nb_path)
-    except Ungradable as err:
-        return Grade(status="ungradable", score=0.0, reason=str(err), **base)
-    seed = secrets.randbelow(2**31)
-    job = {"token": secrets.token_hex(32), "checks_module": lab.checks_module, "seed": seed,
-           "checks": [c.name for c in lab.registry.checks], "cells": built.cells}
-    outcome = run_child(job, uid=uid, limits=limits, hide=hide, keep=keep, threads=threads, cache=cache)
-    checks, status, reason = interpret(lab, outcome, seed, limits.timeout_s)
-    peaks = [c.measurements.get("peak_allocated_bytes") for c in checks]
+def _grade(rt: Runtime, sid: str, cells: list[dict], uid, notes=(), flags=(), notebook="",
+           timeout_s: float | None = None, ref: Session | None = None) -> Grade:
+    timeout = timeout_s or rt.limits.timeout_s
+    s = run_session(rt, "student", cells, uid, timeout)
+    checks, status, reason = judge_session(rt, s, ref, timeout)
+    peaks = [c.measurements.get("peak_bytes") for c in checks if c.measurements.get("measured_by")]
     peaks = [int(p) for p in peaks if isinstance(p, (int, float)) and not isinstance(p, bool)]
-    return Grade(status=status, score=sum(c.score for c in checks), reason=reason, notebook=built.notebook,
-                 checks=checks, notes=built.notes, flags=built.flags,
-                 peak_allocated_bytes=max(peaks) if peaks else None, max_rss_bytes=outcome.max_rss_bytes,
-                 wall_s=outcome.wall_s, output_tail=outcome.output_tail[-8000:], **base)
+    o = s.outcome
+    return Grade(student_id=sid, lab=rt.lab.lab, status=status, score=sum(c.score for c in checks),
+                 max_score=rt.lab.registry.max_score, max_score_here=max_score_here(rt.lab.registry, rt.ctx),
+                 reason=reason, notebook=notebook, checks=checks, notes=list(notes), flags=list(flags),
+                 peak_allocated_bytes=max(peaks) if peaks else None, max_rss_bytes=o.max_rss_bytes, wall_s=o.wall_s,
+                 output_tail=o.output_tail[-8000:])
+
+
+def grade_one(rt: Runtime, student_dir: Path, uid, ref: Session) -> Grade:
+    sid = student_dir.name
+    try:
+        nb_path = find_notebook(student_dir, rt.lab.lab, rt.lab.solution.name)
+        built = rebuild(rt.lab.solution, nb_path)
+    except Ungradable as err:
+        return Grade(student_id=sid, lab=rt.lab.lab, status="ungradable", score=0.0,
+                     max_score=rt.lab.registry.max_score, max_score_here=max_score_here(rt.lab.registry, rt.ctx),
+                     reason=str(err))
+    return _grade(rt, sid, built.cells, uid, built.notes, built.flags, built.notebook, ref=ref)
+
+
+def reference_run(rt: Runtime, uid) -> Session:
+    """The batch's reference evidence; :class:`BatchError` if the reference namespace fails a check."""
+    s = run_session(rt, "reference", [], uid, max(rt.limits.timeout_s, CANARY_TIMEOUT_S))
+    problems = []
+    if s.setup_error:
+        problems.append(f"setup failed: {s.setup_error}")
+    for c in rt.lab.registry.checks:
+        if not_runnable(c, rt.ctx) or s.setup_error:
+            continue
+        msg = s.replies.get(c.name, ({}, None))[0]
+        if msg.get("event") != "evidence":
+            problems.append(f"{c.name}: {msg.get('event', 'no reply')} {str(msg.get('message') or msg.get('names') or '')[:300]}")
+    if problems or s.tampering:
+        tail = s.outcome.output_tail[-1500:] if s.outcome else ""
+        raise BatchError(f"lab {rt.lab.lab}: the reference run did not collect evidence for every check "
+                         f"({'; '.join(problems + s.tampering)}); output:\n{tail}")
+    return s
+
+
+def canary(rt: Runtime, ref: Session, uids: Queue) -> list[Grade]:
+    """Grade the instructor's solution and the unsolved lab like students; :class:`BatchError` unless 'full / 0'."""
+    from ..labgen import make_lab, read
+    sol = rt.lab.solution
+    tmp = Path(tempfile.mkdtemp(prefix="memopt-canary-"))
+    try:
+        import nbformat
+        unsolved = tmp / sol.name
+        nbformat.write(make_lab(read(sol), sol.name), str(unsolved))
+        jobs = [("canary-solution", rebuild(sol, sol).cells), ("canary-unsolved", rebuild(sol, unsolved).cells)]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    timeout = max(rt.limits.timeout_s, CANARY_TIMEOUT_S)
+
+    def one(job):
+        uid = uids.get()
+        try:
+            return _grade(rt, job[0], job[1], uid, timeout_s=timeout, ref=ref)
+        finally:
+            uids.put(uid)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        good, bad = list(pool.map(one, jobs))
+    want = max_score_here(rt.lab.registry, rt.ctx)
+    why = []
+    if good.status != "graded" or good.score != want:
+        failing = [f"{c.name}: {c.status} ({c.message[:300]})" for c in good.checks
+                   if c.status != "passed" and not not_runnable(_check(rt, c.name), rt.ctx)]
+        why.append(f"the instructor's solution scored {good.score:g}/{want:g} "
+                   f"({good.status}{': ' + good.reason if good.reason else ''}; {'; '.join(failing)})")
+    if bad.score > 0 or bad.status != "graded":
+        passing = [c.name for c in bad.checks if c.status == "passed"]
+        why.append(f"the unsolved lab scored {bad.score:g} (passed: {', '.join(passing) or '-'}; status {bad.status})")
+    if why:
+        raise BatchError(f"lab {rt.lab.lab}: canary failed, no student graded: " + " and ".join(why)
+                         + f"\nsolution output:\n{good.output_tail[-1500:]}")
+    return [good, bad]
+
+
+def _check(rt: Runtime, name: str) -> Check:
+    return next(c for c in rt.lab.registry.checks if c.name == name)
 
 
 def student_dirs(submissions: Path) -> tuple[list[Path], list[str]]:
@@ -209,47 +218,60 @@ def student_dirs(submissions: Path) -> tuple[list[Path], list[str]]:
 
 
 def grade_batch(lab: Lab, submissions: Path, out: Path, *, workers: int = 1, limits: Limits | None = None,
-                progress: bool = True, on_grade=None) -> list[Grade]:
-    """Grade every ``submissions/<student_id>/``; one failure never stops the batch."""
-    import os
+                progress: bool = True, on_grade=None, canaries: list | None = None) -> list[Grade]:
+    """Reference run, canary, then every ``submissions/<student_id>/``; one student's failure never stops it.
 
+    Raises :class:`BatchError` (before any student is graded) when the reference run or the canary fails.
+    ``canaries``, if given, receives the two canary grades.
+    """
     from tqdm import tqdm
-    limits = limits or Limits()
-    dirs, _ = student_dirs(submissions)
-    hide = sorted(set(lab.secret_paths + [str(Path(submissions).resolve()), str(Path(out).resolve())]))
-    import shutil
 
     from ..models import cache_dir
     from .sandbox import readable_cache
+    limits = limits or Limits()
+    dirs, _ = student_dirs(submissions)
+    hide = sorted(set(lab.secret_paths + [str(Path(submissions).resolve()), str(Path(out).resolve())]))
     cache = readable_cache(str(cache_dir()))
     keep = [cache] if cache else []
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    seeds = {c.name: secrets.randbelow(2**31) for c in lab.registry.checks}
+    rt = Runtime(lab, seeds, CheckContext.here(), limits, hide, keep, threads, cache)
     slots: Queue = Queue()
-
-    def task(d: Path) -> Grade:
-        uid = slots.get()
-        try:
-            return grade_one(lab, d, uid=uid, limits=limits, hide=hide, keep=keep, threads=threads, cache=cache)
-        except Exception as err:  # noqa: BLE001 - a grader bug on one submission must not stop the batch
-            return Grade(student_id=d.name, lab=lab.lab, status="ungradable", score=0.0,
-                         max_score=lab.registry.max_score,
-                         reason=f"grader error: {type(err).__name__}: {err}",
-                         output_tail=traceback.format_exc()[-4000:])
-        finally:
-            slots.put(uid)
-
     grades = []
     try:
-        with UidPool(workers) as pool_uids, ThreadPoolExecutor(max_workers=workers) as pool:
+        with UidPool(max(workers, 2)) as pool_uids:
             for uid in pool_uids.uids:
                 slots.put(uid)
-            futures = [pool.submit(task, d) for d in dirs]
-            for fut in tqdm(as_completed(futures), total=len(futures), desc=f"lab {lab.lab}", unit="submission",
-                            disable=not progress):
-                g = fut.result()
-                grades.append(g)
-                if on_grade:
-                    on_grade(g)
+            uid = slots.get()
+            try:
+                ref = reference_run(rt, uid)
+            finally:
+                slots.put(uid)
+            got = canary(rt, ref, slots)
+            if canaries is not None:
+                canaries.extend(got)
+
+            def task(d: Path) -> Grade:
+                uid = slots.get()
+                try:
+                    return grade_one(rt, d, uid, ref)
+                except Exception as err:  # noqa: BLE001 - a grader bug on one submission must not stop the batch
+                    return Grade(student_id=d.name, lab=lab.lab, status="ungradable", score=0.0,
+                                 max_score=lab.registry.max_score, max_score_here=max_score_here(lab.registry, rt.ctx),
+                                 reason=f"grader error: {type(err).__name__}: {err}",
+                                 output_tail=traceback.format_exc()[-4000:])
+                finally:
+                    slots.put(uid)
+
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                from concurrent.futures import as_completed
+                futures = [pool.submit(task, d) for d in dirs]
+                for fut in tqdm(as_completed(futures), total=len(futures), desc=f"lab {lab.lab}",
+                                unit="submission", disable=not progress):
+                    g = fut.result()
+                    grades.append(g)
+                    if on_grade:
+                        on_grade(g)
     finally:
         if cache:
             shutil.rmtree(cache, ignore_errors=True)

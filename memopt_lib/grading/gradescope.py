@@ -175,7 +175,4 @@ def build_autograder(lab: str, out: Path, *, solutions: Path | None = None, chec
         if external:
             arc, f = _module_file(spec.checks_module)
             z.write(f, f"extra/{arc}")
-        if spec.reference is not None:
-            arc, f = _module_file(spec.reference.__name__)
-            z.write(f, f"reference/{arc}")
     return out

@@ -30,7 +30,7 @@ MAX_NOTEBOOK_BYTES = 20 * 1024 * 1024
 NOT_DONE = "raise NotImplementedError()"
 SUSPICIOUS = re.compile(r"\b(ctypes|_getframe|f_back|f_locals|f_globals|gc\.get_(objects|referrers|referents)|"
                         r"__code__|settrace|setprofile|addaudithook|max_memory_allocated|reset_peak_memory_stats|"
-                        r"MemoryTracker|memopt_lib\.(profiler|grading|checks)|os\.fork|subprocess|pickle|"
+                        r"MemoryTracker|memopt_lib|os\.fork|subprocess|pickle|"
                         r"torch\.load|os\._exit|sys\.exit|sys\.modules|builtins|importlib|exec|compile|threading|socket)\b")
 
 

@@ -56,10 +56,11 @@ def write_csv(grades: list[Grade], path: Path, check_names: list[str]) -> None:
 
     ``graded`` is ``true`` where a score was decided (``graded`` and ``tampering``), ``false`` for
     ``ungradable`` rows, whose score cells stay empty (an empty cell is "no grade", a 0 is a grade).
-    ``lab`` is ``lab01`` (a bare ``01`` becomes the number 1 in a spreadsheet). Memory is in MiB
-    (one decimal) and in bytes.
+    ``lab`` is ``lab01`` (a bare ``01`` becomes the number 1 in a spreadsheet). ``max_score_here``
+    counts only the checks that can run on this grader (a GPU-only check on a CPU grader is
+    ``not_run`` and not counted). Memory is in MiB (one decimal) and in bytes.
     """
-    cols = (["student_id", "lab", "graded", "score", "max_score", "status", "reason"] + check_names
+    cols = (["student_id", "lab", "graded", "score", "max_score", "max_score_here", "status", "reason"] + check_names
             + [f"{n}_status" for n in check_names]
             + ["peak_allocated_MiB", "max_rss_MiB", "peak_allocated_bytes", "max_rss_bytes", "wall_s", "notebook",
                "notes", "review_flags"])
@@ -70,8 +71,9 @@ def write_csv(grades: list[Grade], path: Path, check_names: list[str]) -> None:
             by = {c.name: c for c in g.checks}
             graded = g.status != "ungradable"
             peak, rss = submission_peak(g), g.max_rss_bytes or None
+            here = "" if g.max_score_here is None else f"{g.max_score_here:g}"  # the checks that can run on this grader
             row = [g.student_id, f"lab{g.lab}", "true" if graded else "false",
-                   f"{g.score:g}" if graded else "", f"{g.max_score:g}", g.status, g.reason[:300]]
+                   f"{g.score:g}" if graded else "", f"{g.max_score:g}", here, g.status, g.reason[:300]]
             row += [f"{by[n].score:g}" if graded and n in by else "" for n in check_names]
             row += [by[n].status if n in by else "" for n in check_names]
             row += [_mib(peak), _mib(rss), "" if peak is None else peak, "" if rss is None else rss,
@@ -95,6 +97,9 @@ def gradescope_results(g: Grade) -> dict:
                                      "measurements": {k: v for k, v in c.measurements.items()
                                                       if isinstance(v, (int, float, str))}}})
     lines = [f"status: {g.status}" + (f" ({g.reason})" if g.reason else "")]
+    if g.max_score_here is not None and g.max_score_here != g.max_score:
+        lines.append(f"max score on this grader: {g.max_score_here:g} of {g.max_score:g} "
+                     "(checks that cannot run here are not_run and not counted)")
     lines += [f"note: {n}" for n in g.notes]
     peak = submission_peak(g)
     if peak is not None:
@@ -146,7 +151,9 @@ def feedback_html(g: Grade, explanations: str = "") -> str:
         "<style>td,th{border:1px solid #ccc;padding:4px;vertical-align:top}.passed{background:#e8f5e9}"
         ".failed,.error,.timeout,.oom,.crashed{background:#ffebee}pre{white-space:pre-wrap;margin:0}</style>"
         f"</head><body><h1>Lab {e(g.lab)}: {score}</h1>{reason}"
-        f"<p>notebook: {e(g.notebook)}</p>" + (f"<ul>{notes}</ul>" if notes else "")
+        + (f"<p>max score on this grader: {g.max_score_here:g} (checks that cannot run here are not_run and not "
+           "counted)</p>" if g.max_score_here is not None and g.max_score_here != g.max_score else "")
+        + f"<p>notebook: {e(g.notebook)}</p>" + (f"<ul>{notes}</ul>" if notes else "")
         + f"<table><tr><th>check</th><th>status</th><th>points</th><th>message</th></tr>{rows}</table>"
         + memory_html(g) + explanations + out + "</body></html>\n")
 

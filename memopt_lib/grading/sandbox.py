@@ -1,20 +1,24 @@
-"""Parent side of the sandbox: start one grading child per submission, bounded, and collect its messages.
+"""Parent side of the sandbox: start one grading child, bounded, talk to it, and collect its messages.
 
-Per submission the grader starts ``python -I runner.py`` (see :mod:`.runner`):
+Per child (:class:`Child`) the grader starts ``python -I runner.py`` (see :mod:`.runner`):
 
+* inside the grader's memory cgroup for this child (:class:`~.meter.Meter`: the child and
+  everything it forks are measured from outside and cannot leave it);
 * as root and where the kernel allows it, inside ``unshare --fork --pid --mount-proc --net --mount``:
   a private PID namespace (when the child's first process exits or is killed, the kernel
   kills every process the submission started, even one that called ``setsid``), an empty
-  network namespace (no network, only a down loopback), and a private mount namespace
-  in which :mod:`.confine` hides the solutions and gives the child its own ``/tmp``;
+  network namespace (no network, only a down loopback), and a private mount namespace in
+  which :mod:`.confine` builds an allow-listed root (:func:`allow_list`: Python prefixes,
+  site-packages, the kit's package folder, the model cache copy) and ``chroot``\ s into it;
 * in its own session and process group, killed as a group at the wall-clock timeout;
 * with rlimits on CPU time, heap, processes and file size, as an unprivileged uid of its
   own (one per worker slot, locked against other graders on the machine: :class:`UidPool`),
   so ``RLIMIT_NPROC`` counts only this submission;
 * with a clean environment (no grader secrets), stdin replaced after the job is read,
-  stdout/stderr kept only as a bounded tail, and a separate pipe for JSON results.
+  stdout/stderr kept only as a bounded tail, a pipe for JSON results and one for the grader's
+  commands ("run check X with seed S").
 
-Without root none of the uid / namespace measures is possible: :func:`isolation` says
+Without root none of the uid / namespace / cgroup measures is possible: :func:`isolation` says
 so and the CLI prints the warnings. The child's peak resident memory is read by the
 parent from ``wait4`` -- a number the submission cannot forge.
 """
@@ -28,7 +32,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -207,10 +210,38 @@ class UidPool:
         self._fds = []
 
 
+def kit_package_dir() -> str:
+    """The folder of the ``memopt_lib`` package this grader runs (for an editable install: inside the checkout)."""
+    import memopt_lib
+    return str(Path(memopt_lib.__file__).resolve().parent)
+
+
+def allow_list(extra: list[str] = ()) -> list[str]:
+    """What the child may see (read-only): the Python prefixes, site-packages folders, the kit's package folder.
+
+    Other ``sys.path`` entries (a checkout on ``PYTHONPATH``, the current folder) are *not* shown:
+    the kit is reached through its package folder alone.
+    """
+    prefixes = [sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix]
+    site = [p for p in sys.path if p and os.path.isdir(p) and os.path.basename(p.rstrip("/")) in
+            ("site-packages", "dist-packages")]
+    out = [p for p in prefixes + site if p and os.path.realpath(p) != "/"]
+    return list(dict.fromkeys(out + [kit_package_dir()] + [p for p in extra if p]))
+
+
+def child_sys_path(allow: list[str]) -> list[str]:
+    """The child's ``sys.path``: the kit's parent folder first, then the grader's entries that the child can see."""
+    kit_parent = str(Path(kit_package_dir()).parent)
+    seen = [os.path.realpath(a) for a in allow]
+    visible = [p for p in sys.path if p and any(os.path.realpath(p) == a or os.path.realpath(p).startswith(a + "/")
+                                                for a in seen)]
+    modules = [os.path.dirname(a) for a in seen if a.endswith(".py")]  # a check module allowed alone: its folder
+    return list(dict.fromkeys([kit_parent] + modules + visible))
+
+
 def child_config(uid: int | None, limits: Limits, hide: list[str], keep: list[str], workdir: str | None) -> dict:
     iso = isolation()
-    visible = [sys.base_prefix, sys.prefix, sys.exec_prefix] + [p for p in sys.path if p and os.path.isdir(p)]
-    cfg = {"limits": limits.for_child(), "mounts": iso.namespaces, "hide": hide, "keep": keep, "expose": visible,
+    cfg = {"limits": limits.for_child(), "mounts": iso.namespaces, "hide": hide, "allow": allow_list(keep),
            "workdir": None if iso.namespaces else workdir}
     if iso.root and uid is not None:
         cfg["uid"] = cfg["gid"] = uid
@@ -256,70 +287,16 @@ def readable_cache(src: str | None) -> str | None:
 def child_env(threads: int, home: str, cache: str | None = None) -> dict:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
            "MPLBACKEND": "Agg", "MPLCONFIGDIR": home, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
+           "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0",
+           # freed blocks of >= 128 KiB go back to the kernel at once: what the grader measures from
+           # outside then follows live memory (same settings for student and reference runs)
+           "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     for key in ("MEMOPT_PROFILE", "CUDA_VISIBLE_DEVICES"):
         if key in os.environ:
             env[key] = os.environ[key]
     if cache:
         env["MEMOPT_CACHE"] = cache
     return env
-
-
-def run_child(job: dict, *, uid: int | None, limits: Limits, hide: list[str], keep: list[str],
-              threads: int = 1, cache: str | None = None) -> Outcome:
-    """Run one job (see :mod:`.runner`) in a fresh sandboxed child and wait for it, bounded."""
-    iso = isolation()
-    token = job["token"]
-    scratch = None if iso.namespaces else tempfile.mkdtemp(prefix="memopt-grade-")
-    sandbox = child_config(uid, limits, hide, keep, scratch)
-    if scratch and iso.root:
-        os.chown(scratch, sandbox["uid"], sandbox["gid"])
-    home = "/tmp/work" if iso.namespaces else scratch
-    r_fd, w_fd = os.pipe()
-    o_fd, ow_fd = os.pipe()
-    job = dict(job, result_fd=w_fd, sandbox=sandbox, threads=threads, sys_path=[p for p in sys.path if p])
-    cmd = (UNSHARE + ["--"] if iso.namespaces else []) + [sys.executable, "-I", str(RUNNER)]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=ow_fd, stderr=ow_fd, pass_fds=(w_fd,),
-                            env=child_env(threads, home, cache), cwd="/", start_new_session=True, close_fds=True)
-    os.close(w_fd)
-    os.close(ow_fd)
-    result_lines: list[bytes] = []
-    tail: deque = deque()
-    readers = [threading.Thread(target=_drain, args=(r_fd, result_lines, MAX_RESULT_BYTES, True), daemon=True),
-               threading.Thread(target=_drain, args=(o_fd, tail, TAIL_BYTES, False), daemon=True)]
-    for t in readers:
-        t.start()
-    try:
-        proc.stdin.write(json.dumps(job).encode())
-        proc.stdin.close()
-    except OSError:
-        pass
-    timed_out, status, rusage = False, None, None
-    deadline = t0 + limits.timeout_s
-    while status is None:
-        pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            status, rusage = st, ru
-            break
-        if time.monotonic() > deadline:
-            timed_out = True
-            _killpg(proc.pid)
-            _, status, rusage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.05)
-    wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    _killpg(proc.pid)  # anything left in the group (without a PID namespace)
-    if iso.root and "uid" in sandbox:
-        _kill_uid(sandbox["uid"])
-    for t in readers:
-        t.join(timeout=5)
-    if scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
-    messages, rejected = parse_messages(result_lines, token)
-    return Outcome(messages, proc.returncode, timed_out, wall, rusage.ru_maxrss * 1024 if rusage else 0,
-                   b"".join(tail).decode("utf-8", "replace"), rejected)
 
 
 def _killpg(pgid: int) -> None:
@@ -338,7 +315,7 @@ def parse_messages(lines: list[bytes], token: str) -> tuple[list[dict], int]:
             continue
         try:
             msg = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deep enough to exhaust the parser
             rejected += 1
             continue
         if not isinstance(msg, dict) or not hmac.compare_digest(str(msg.pop("token", "")), token):

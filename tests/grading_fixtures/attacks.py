@@ -4,7 +4,7 @@ Every attack starts from the *honest failing* submission (``sum_of_squares`` wro
 right but materialising ``x * x``: 0 points) and adds one trick that would earn points if the
 grader fell for it. A region body may dedent to run code when the cell executes.
 Placeholders: ``@SOL@`` solutions folder, ``@OUT@`` output folder, ``@SUBS@`` submissions folder,
-``@REF@`` reference module file, ``@PORT@`` a TCP port the test listens on (host network),
+``@REF@`` the solution notebook's file, ``@PORT@`` a TCP port the test listens on (host network),
 ``@MARK@`` a host path that must never be created.
 """
 from __future__ import annotations
@@ -164,7 +164,7 @@ C = {
     return (x * x).sum(1).sqrt()"""), "graded", {"row_norms_lean": "failed"}),
     "c02_read_reference": (attack(sumsq="""
     try:
-        if "verify_" in open("@REF@").read():
+        if "BEGIN SOLUTION" in open("@REF@").read():
             return float((x * x).sum())
     except OSError:
         pass
