@@ -192,13 +192,27 @@ def load_model(name: str, *, hub_id: str | None = None, train: bool = True, **fr
                    "memory depends on shapes, not values, but its text is gibberish")
         model = AutoModelForCausalLM.from_pretrained(where, **from_pretrained_kwargs)
     model.memopt_source = f"{kind}:{where}"
-    if getattr(model, "loss_type", "") is None:
-        # transformers finds a model's loss by its class name; "GPT2LMHeadModel" matches none and it warns
-        # on every first forward with labels. It is a causal LM: say so, the loss is the one it falls back to.
-        model.loss_type = "ForCausalLM"
+    name_the_loss(model)
     if train:
         model.train()
     return model
+
+
+def name_the_loss(model):
+    """Tell transformers the model is a causal LM (its loss is the one it would fall back to anyway).
+
+    transformers finds a model's loss by its class name; "GPT2LMHeadModel" matches none, and it warns
+    (``loss_type=None ... ForCausalLMLoss``) on the first forward with labels. Returns the model.
+    """
+    if getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
+    return model
+
+
+def from_config(config, **kwargs):
+    """A random-init causal LM of ``config`` (``AutoModelForCausalLM.from_config``), its loss named."""
+    from transformers import AutoModelForCausalLM
+    return name_the_loss(AutoModelForCausalLM.from_config(config, **kwargs))
 
 
 def meta_model(name: str):

@@ -132,9 +132,9 @@ def test_wrong_untouched_and_tampering(batch):
     assert rows["honest"]["lab"] == "lab01" and float(rows["honest"]["peak_allocated_MiB"]) > 0
     # every graded row has the grader's resident-memory reading; a check's peak where that check measured one
     assert all(float(rows[s]["max_rss_MiB"]) > 0 for s in ("honest", "wrong", "untouched"))
-    page = (out / "feedback" / "honest.html").read_text()
+    page = (batch["out"] / "feedback" / "honest.html").read_text()
     assert "Measured memory" in page and "weights" in page and "Your explanations" in page
-    assert "gap-answer-md" in (out / "explanations.html").read_text()
+    assert "gap-answer-md" in (batch["out"] / "explanations.html").read_text()
 
 
 def test_honest_failing_submission_is_what_the_attacks_start_from(batch):

@@ -30,6 +30,7 @@ import math
 import torch
 
 from ..calculator import OPTIMIZER_STATE_BYTES, OPTIMIZER_STATES, Shape
+from ..models import from_config
 from ..profiler import fmt_bytes, measure, train_step_fn
 from ..text import random_batch
 from .base import Registry, fingerprint, fingerprint_error, memory_rise_within
@@ -106,10 +107,9 @@ def _(got, ref, ctx):
 # ---------------------------------------------------------------- persistent state
 def _measured_state(ctx, optimizer_name):
     """The profiler's weights / gradients / optimizer bytes after one step of a small drawn GPT-2."""
-    from transformers import GPT2LMHeadModel
     torch.manual_seed(ctx.seed)
     cfg = _gpt2_config(ctx, n_positions=64, n_layer=ctx.rng.randint(1, 2))
-    model = GPT2LMHeadModel(cfg).to(ctx.device)
+    model = from_config(cfg).to(ctx.device)
     params = list(model.parameters())
     opt = {"adamw": lambda: torch.optim.AdamW(params, lr=1e-3, foreach=False),
            "sgd-momentum": lambda: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
@@ -157,9 +157,8 @@ def _(got, ref, ctx):
 
 # ---------------------------------------------------------------- the step trains
 def _float64_model(ctx, cfg):
-    from transformers import GPT2LMHeadModel
     torch.manual_seed(ctx.seed)
-    return GPT2LMHeadModel(cfg).to(torch.float64).to(ctx.device)
+    return from_config(cfg).to(torch.float64).to(ctx.device)
 
 
 def _two_steps(ns, ctx, model, opt, batches):
@@ -213,7 +212,7 @@ def _(got, ref, ctx):
 @CHECKS.check(points=2, needs=["full_finetune_step"], measures_memory=True)
 def training_step_is_correct_and_lean(ns, ctx):
     """Two full_finetune_step calls train and peak no higher than the reference step (memory measured around them)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config
     gpu_real = ctx.is_gpu and getattr(ctx.profile, "is_gpu", False)
     torch.manual_seed(ctx.seed)
     if gpu_real:
@@ -222,7 +221,7 @@ def training_step_is_correct_and_lean(ns, ctx):
     else:
         cfg = GPT2Config(n_layer=3, n_embd=384, n_head=6, n_positions=128, vocab_size=4096, bos_token_id=0,
                          eos_token_id=0)
-        model, b, s = GPT2LMHeadModel(cfg).to(ctx.device).train(), ctx.rng.randint(3, 4), ctx.rng.choice([48, 64])
+        model, b, s = from_config(cfg).to(ctx.device).train(), ctx.rng.randint(3, 4), ctx.rng.choice([48, 64])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batches = [random_batch(model.config.vocab_size, b, s, ctx.device, seed=ctx.seed + 20 + i) for i in range(2)]
     out = _two_steps(ns, ctx, model, opt, batches)

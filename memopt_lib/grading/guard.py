@@ -16,7 +16,7 @@ student code, and :class:`Guard` photographs what the grade depends on:
 An audit hook (``sys.addaudithook``: it cannot be removed from Python) adds what a
 photograph cannot see: patches that were put back before the next photograph
 (``__code__`` swaps and attribute writes on protected classes), processes started
-(``fork``, ``subprocess``: the tracker would not see memory used there), ``ctypes``, and
+started from the submission's own code (``fork``, ``subprocess``), ``ctypes``, and
 introspection (``sys._getframe``, ``gc.get_objects``, ``compile``/``exec``) called
 directly from the student's cells.
 
@@ -35,15 +35,16 @@ import sys
 import threading
 import types
 
-ALWAYS_FLAGGED = ("os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-                  "subprocess.Popen", "pty.spawn", "sys.settrace", "sys.setprofile", "sys.addaudithook",
+ALWAYS_FLAGGED = ("os.system", "os.exec", "os.spawn", "pty.spawn", "sys.settrace", "sys.setprofile", "sys.addaudithook",
                   "code.__new__", "os.kill", "os.killpg", "signal.pthread_kill")
 # introspection: flagged when the student's cell called it, directly or through one helper
 # (``inspect.currentframe()``); compile/exec only when called directly, because library
 # helpers a student may use honestly (namedtuple, dataclass) exec code of their own
 # (libraries load native code with ctypes during checks -- transformers does -- so ctypes counts only here)
+# processes: the grader's meter measures the child's whole process tree, so a process the kit starts
+# (lab 10's ranks) hides nothing; one started by the submission's own code is still flagged
 NEAR_STUDENT = ("sys._getframe", "sys._current_frames", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-                "ctypes.")
+                "ctypes.", "os.fork", "os.forkpty", "os.posix_spawn", "subprocess.Popen")
 DIRECT_FROM_STUDENT = ("compile", "exec", "function.__new__")
 STUDENT_PREFIX = "<cell "
 # torch rebinds these itself, lazily (importing torch._dynamo wraps torch.manual_seed in

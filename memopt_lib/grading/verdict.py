@@ -197,14 +197,20 @@ def _judge(rt: Runtime, c: Check, msg: dict, reading, ref_reply) -> CheckOutcome
     except Exception as err:  # noqa: BLE001 - data of the wrong shape sent by the child
         r = CheckOutcome(c.name, "failed", 0.0, c.points,
                          f"the evidence your code produced could not be compared ({type(err).__name__}: {err})"[:500])
-    tracker = msg.get("tracker") if isinstance(msg.get("tracker"), dict) else None
-    if tracker:  # the in-process tracker's view: explanation in feedback, never the deciding number
-        r.measurements["tracker_peak_bytes"] = tracker.get("peak_bytes")
-        r.measurements["tracker_breakdown_bytes"] = tracker.get("breakdown_bytes")
     if got.memory is not None:
         r.measurements["measured_by"] = got.memory.source
         r.measurements["reference_baseline_bytes"] = got.memory.baseline_bytes
         r.measurements["meter"] = got.memory.breakdown_bytes
+        r.measurements.pop("breakdown_bytes", None)  # the meter's details are not a breakdown by category
+        r.measurements.pop("reference_breakdown_bytes", None)
+    tracker = msg.get("tracker") if isinstance(msg.get("tracker"), dict) else None
+    if tracker:  # the in-process tracker's view: explanation in feedback, never the deciding number
+        r.measurements["tracker_peak_bytes"] = tracker.get("peak_bytes")
+        r.measurements["tracker_breakdown_bytes"] = tracker.get("breakdown_bytes")
+        r.measurements["breakdown_bytes"] = tracker.get("breakdown_bytes")  # weights, gradients, ... at the peak
+    ref_tracker = ref_msg.get("tracker") if isinstance(ref_msg.get("tracker"), dict) else None
+    if ref_tracker:
+        r.measurements["reference_breakdown_bytes"] = ref_tracker.get("breakdown_bytes")
     return r
 
 
