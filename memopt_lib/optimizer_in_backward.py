@@ -24,6 +24,7 @@ on that tensor's gradient and state (the equivalence test compares parameters af
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -43,7 +44,16 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self.optimizers = {p: make_optimizer([p]) for p in params}
         first = next(iter(self.optimizers.values()))
         super().__init__(params, dict(first.defaults))
-        self._handles = [p.register_post_accumulate_grad_hook(self._step_param) for p in params]
+        # the hook holds this wrapper weakly: a strong reference would make a cycle through the parameter's hook
+        # dict that Python's gc cannot see, and keep every parameter and optimizer state alive after del
+        ref = weakref.ref(self)
+
+        def hook(param):
+            wrapper = ref()
+            if wrapper is not None:
+                wrapper._step_param(param)
+
+        self._handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
         self.steps_in_backward = 0
 
     def _step_param(self, param: torch.Tensor) -> None:
@@ -70,9 +80,12 @@ class OptimizerInBackward(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No-op: gradients are freed as soon as they are applied."""
 
+    def __del__(self):
+        self.remove()
+
     def remove(self) -> None:
         """Unregister the hooks (the parameters go back to plain backward)."""
-        for h in self._handles:
+        for h in getattr(self, "_handles", []):
             h.remove()
         self._handles = []
 

@@ -95,3 +95,16 @@ def test_needs_trainable_parameters():
     lin = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         OptimizerInBackward(lin.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.1))
+
+
+def test_deleting_model_and_optimizer_frees_the_parameters():
+    """The hooks hold the wrapper weakly: no uncollectable cycle keeps weights and states alive (bench rows)."""
+    import gc
+    import weakref
+    model = _tiny()
+    opt = apply_optimizer_in_backward(model, lambda ps: torch.optim.AdamW(ps, lr=1e-4))
+    model(**random_batch(model.config.vocab_size, 1, 8)).loss.backward()
+    ref = weakref.ref(model.transformer.wte.weight)
+    del model, opt
+    gc.collect()
+    assert ref() is None
