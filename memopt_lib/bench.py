@@ -219,7 +219,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['name']:<{w}}  {fmt_bytes(r['peak_allocated_bytes']):>11}  "
                      f"{fmt_bytes(r['peak_reserved_bytes']) if r['peak_reserved_bytes'] else '-':>10}  "
                      f"{fmt_bytes(r['device_used_bytes']) if r['device_used_bytes'] else '-':>10}  "
-                     f"{t:>9}  {ratio:>6}  {tr:>6}  {r['loss']:>7.4f}"
+                     f"{t:>9}  {ratio:>6}  {tr:>6}  {'-' if r.get('loss') is None else format(r['loss'], '7.4f'):>7}"
                      + (f"  ({r['reason']})" if r.get("reason") else ""))
     return "\n".join(lines)
 

@@ -44,9 +44,21 @@ class ModelSpec:
     about: str
 
 
-def _gpt2(**kw):
+def gpt2_config(**kw):
+    """A ``GPT2Config`` whose special token ids lie inside its vocabulary.
+
+    ``GPT2Config`` defaults ``bos_token_id``/``eos_token_id`` to 50256, GPT-2's ``<|endoftext|>``;
+    with a smaller ``vocab_size`` transformers warns that the id is outside the vocabulary.
+    There the id is 0, where the course's offline tokenizer puts ``<|endoftext|>``.
+    """
     from transformers import GPT2Config
+    if kw.get("vocab_size", 50257) <= 50256:
+        kw.setdefault("bos_token_id", 0)
+        kw.setdefault("eos_token_id", 0)
     return GPT2Config(**kw)
+
+
+_gpt2 = gpt2_config
 
 
 def _llama(**kw):
@@ -180,6 +192,10 @@ def load_model(name: str, *, hub_id: str | None = None, train: bool = True, **fr
                    "memory depends on shapes, not values, but its text is gibberish")
         model = AutoModelForCausalLM.from_pretrained(where, **from_pretrained_kwargs)
     model.memopt_source = f"{kind}:{where}"
+    if getattr(model, "loss_type", "") is None:
+        # transformers finds a model's loss by its class name; "GPT2LMHeadModel" matches none and it warns
+        # on every first forward with labels. It is a causal LM: say so, the loss is the one it falls back to.
+        model.loss_type = "ForCausalLM"
     if train:
         model.train()
     return model
