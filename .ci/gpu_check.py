@@ -3,9 +3,14 @@
     python .ci/gpu_check.py [--out DIR] [--skip-7b]
 
 1. the profiler's tracker against torch.cuda.max_memory_allocated on GPT-2 (batch 8 x 512), fp32 and autocast;
-2. a Llama-2-7B-shaped QLoRA step (4-bit NF4 + double quant, LoRA r=16 on q,k,v,o, non-reentrant
-   checkpointing, train mode) at batch 4 and 8 x 512, against the H200 anchors;
-3. the graded checks of every lab on the GPU profile (real shapes, absolute budgets), one section per lab.
+2. the default QLoRA stack of the 7B (``recipe.QLORA_DEFAULT``: 4-bit NF4 + double quant,
+   prepare_model_for_kbit_training, LoRA r=16 on q,k,v,o, non-reentrant checkpointing, train mode) at batch 4
+   and 8 x 512, against the H200 anchors;
+3. the goals of issue 11: ``QLoRA default`` vs ``memopt recipe`` at the goal shapes (peak, step time, loss),
+   and GPT-2's memopt recipe against fp32 after 200 steps on the course corpus;
+4. the graded checks of every lab on the GPU profile (real shapes, absolute budgets), one section per lab.
+
+Every configuration is a :class:`memopt_lib.recipe.Recipe` composed by ``recipe.compose``: nothing is built here.
 """
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from memopt_lib.models import load_model
-from memopt_lib.profiler import GiB, measure, train_step_fn
+from memopt_lib import recipe as R
+from memopt_lib.profiler import GiB, measure
+from memopt_lib.quantization import weight_footprint_bytes
 from memopt_lib.text import random_batch
 
 
@@ -35,23 +41,76 @@ def section(name, results, fn):
     torch.cuda.empty_cache()
 
 
+def _measure(c, batch, *, warmup=2, timed_calls=2):
+    losses = []
+    r = measure(lambda: losses.append(c.step(batch)), device="cuda", model=c.model, optimizer=c.optimizer,
+                warmup=warmup, timed_calls=timed_calls, timeline=False)
+    return {"peak_GiB": r.peak_allocated_bytes / GiB, "tracker_GiB": r.tracker_peak_bytes / GiB,
+            "rel_diff": (r.tracker_peak_bytes - r.peak_allocated_bytes) / r.peak_allocated_bytes,
+            "reserved_GiB": r.peak_reserved_bytes / GiB, "device_used_GiB": (r.device_used_bytes or 0) / GiB,
+            "step_time_s": r.step_time_s, "loss": losses[warmup],
+            "breakdown_GiB": {k: round(v / GiB, 4) for k, v in r.breakdown_bytes.items()}}
+
+
 def gpt2_accuracy():
     out = {}
-    for mode in ("fp32", "amp-bf16"):
+    for mode, rc in (("fp32", R.FP32), ("amp-bf16", R.Recipe("autocast", precision="amp"))):
         torch.manual_seed(0)
-        model = load_model("gpt2").cuda()
-        batch = random_batch(model.config.vocab_size, 8, 512, "cuda")
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-        ac = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if mode != "fp32" else None
-        r = measure(train_step_fn(model, batch, opt, autocast=ac), device="cuda", model=model, optimizer=opt,
-                    warmup=2, timed_calls=5, label=mode)
-        out[mode] = {"allocator_peak_GiB": r.peak_allocated_bytes / GiB, "tracker_peak_GiB": r.tracker_peak_bytes / GiB,
-                     "rel_diff": (r.tracker_peak_bytes - r.peak_allocated_bytes) / r.peak_allocated_bytes,
-                     "reserved_GiB": r.peak_reserved_bytes / GiB, "device_used_GiB": r.device_used_bytes / GiB,
-                     "context_GiB": r.cuda_context_bytes / GiB, "step_time_s": r.step_time_s,
-                     "breakdown_GiB": {k: v / GiB for k, v in r.breakdown_bytes.items()}}
-        del model, opt
+        c = R.compose(rc.with_(lr=1e-5), "gpt2", "cuda")
+        out[mode] = _measure(c, random_batch(c.model.config.vocab_size, 8, 512, "cuda"), timed_calls=5)
+        del c
         gc.collect()
+    return out
+
+
+def qlora_7b():
+    t0 = time.time()
+    c = R.compose(R.QLORA_DEFAULT, "llama-7b", "cuda")
+    out = {"build_s": time.time() - t0, "weights_GiB": weight_footprint_bytes(c.model) / GiB,
+           "after_build_GiB": torch.cuda.memory_allocated() / GiB,
+           "trainable": sum(p.numel() for p in c.model.parameters() if p.requires_grad)}
+    for b in (4, 8):
+        out[f"B{b}"] = _measure(c, random_batch(32000, b, 512, "cuda"))
+    return out
+
+
+GOALS = [("7b B1x512", "llama-7b", 1, 512), ("7b B8x512 one micro-batch", "llama-7b", 8, 512),
+         ("7b B1x2048", "llama-7b", 1, 2048), ("gpt2 B8x1024", "gpt2", 8, 1024)]
+
+
+def goals():
+    """Issue 11's table: the default stack (fp32 for GPT-2) vs memopt's recipe, same shapes, same protocol."""
+    out = {}
+    for label, model, b, s in GOALS:
+        base = R.QLORA_DEFAULT if model.startswith("llama") else R.FP32
+        for rc in (base, R.memopt_recipe(model)):
+            key = f"{label} | {rc.name}"
+            try:
+                c = R.compose(rc, model, "cuda")
+                out[key] = {"recipe": rc.to_dict(), **_measure(c, random_batch(c.model.config.vocab_size, b, s, "cuda"))}
+                del c
+            except torch.OutOfMemoryError as err:
+                out[key] = {"recipe": rc.to_dict(), "oom": str(err)[:200]}
+            gc.collect()
+            torch.cuda.empty_cache()
+    return out
+
+
+def gpt2_200_steps():
+    """GPT-2 full fine-tuning, B8 x 1024, 200 steps on the course corpus: memopt's recipe vs fp32 (final loss)."""
+    from memopt_lib.text import lm_batches, load_tokenizer
+    tok = load_tokenizer("gpt2")
+    out = {}
+    for rc in (R.FP32, R.MEMOPT_GPT2):
+        torch.manual_seed(0)
+        c = R.compose(rc.with_(lr=1e-4), "gpt2", "cuda")
+        data = lm_batches(tok, 8, 1024, device="cuda", seed=0)
+        losses = [c.step(next(data)) for _ in range(200)]
+        out[rc.name] = {"first": losses[0], "last10_mean": sum(losses[-10:]) / 10}
+        del c
+        gc.collect()
+        torch.cuda.empty_cache()
+    out["rel_diff_last10"] = out["memopt recipe"]["last10_mean"] / out["fp32 baseline"]["last10_mean"] - 1
     return out
 
 
@@ -64,35 +123,6 @@ def lab_check(lab: str):
     return {"checks": [(r.name, r.status, r.message[:300], r.measurements, round(r.duration_s, 1)) for r in res]}
 
 
-def qlora_7b():
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    t0 = time.time()
-    model = load_model("llama-7b", quantization_config=q, device_map={"": 0}, dtype=torch.bfloat16)
-    loaded = torch.cuda.memory_allocated() / GiB
-    out = {"load_s": time.time() - t0, "loaded_GiB": loaded}
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    out["after_prepare_GiB"] = torch.cuda.memory_allocated() / GiB
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                             task_type="CAUSAL_LM"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    out["trainable"] = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=2e-4)
-    for b in (4, 8):
-        batch = random_batch(32000, b, 512, "cuda")
-        r = measure(train_step_fn(model, batch, opt, autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16)),
-                    device="cuda", model=model, optimizer=opt, warmup=2, timed_calls=2, timeline=False)
-        out[f"B{b}"] = {"peak_GiB": r.peak_allocated_bytes / GiB, "tracker_GiB": r.tracker_peak_bytes / GiB,
-                        "reserved_GiB": r.peak_reserved_bytes / GiB, "step_time_s": r.step_time_s,
-                        "breakdown_GiB": {k: round(v / GiB, 4) for k, v in r.breakdown_bytes.items()}}
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -103,10 +133,11 @@ def main():
         raise SystemExit("this script needs a CUDA GPU")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     from memopt_lib.checks import lab_topics
-    sections = {"gpt2_accuracy": gpt2_accuracy, "qlora_7b": qlora_7b}
+    sections = {"gpt2_accuracy": gpt2_accuracy, "qlora_7b": qlora_7b, "goals": goals,
+                "gpt2_200_steps": gpt2_200_steps}
     sections.update({f"lab_{lab}": (lambda lab=lab: lab_check(lab)) for lab in sorted(lab_topics())})
     for name, fn in sections.items():
-        if (args.only and not any(name.startswith(o) for o in args.only)) or (args.skip_7b and name == "qlora_7b"):
+        if (args.only and not any(name.startswith(o) for o in args.only)) or (args.skip_7b and name in ("qlora_7b", "goals")):
             continue
         section(name, results, fn)
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -92,15 +92,22 @@ class AccumulationResult:
     normalization: str
 
 
+LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
+
+
 def accumulate(model: torch.nn.Module, micro_batches: Sequence[dict], *, normalization: Normalization = "tokens",
                autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> AccumulationResult:
+               scaler: torch.amp.GradScaler | None = None, loss_fn: LossFn | None = None) -> AccumulationResult:
     """Add the gradient of the window's loss to ``param.grad``, one micro-batch at a time.
 
     ``normalization="tokens"`` (the default, exact): every micro-batch's loss is
     ``sum of token losses / N`` with ``N`` the target tokens of the whole window, so
     the gradients equal the full batch's. ``"per_micro_batch"`` is the seed's
     ``loss / accumulation_steps`` (mean of means): kept only to measure its error.
+
+    ``loss_fn(model, micro_batch, num_items_in_batch)`` computes the token-normalized
+    loss (default :func:`micro_batch_loss`, the model's own loss); a recipe passes
+    another one here, e.g. :func:`memopt_lib.chunked_loss.chunked_loss_fn`.
 
     Gradients are *added*: call ``optimizer.zero_grad(set_to_none=True)`` before
     and ``optimizer.step()`` after (see :func:`accumulation_step`).
@@ -112,6 +119,9 @@ def accumulate(model: torch.nn.Module, micro_batches: Sequence[dict], *, normali
         raise ValueError("accumulate() needs at least one micro-batch")
     ctx = autocast or contextlib.nullcontext
     scaler = scaler or torch.amp.GradScaler(enabled=False)
+    loss_fn = loss_fn or micro_batch_loss
+    if loss_fn is not micro_batch_loss and normalization != "tokens":
+        raise ValueError("a custom loss_fn is token-normalized by construction; use normalization='tokens'")
     counts = [count_target_tokens(mb["labels"]) for mb in micro_batches]
     total = sum(counts)
     if total == 0:
@@ -120,12 +130,13 @@ def accumulate(model: torch.nn.Module, micro_batches: Sequence[dict], *, normali
     for mb, n in zip(micro_batches, counts):
         with ctx():
             if normalization == "tokens":
-                loss = micro_batch_loss(model, mb, total)
+                loss = loss_fn(model, mb, total)
             else:
                 loss = model(**mb).loss / len(micro_batches)
         # backward right away: it frees this micro-batch's activations before the next forward
         scaler.scale(loss).backward()
         window_loss += loss.item()
+        del loss  # the graph is gone after backward; drop the handle before the next forward
     return AccumulationResult(window_loss, total, counts, normalization)
 
 

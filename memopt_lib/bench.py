@@ -4,10 +4,12 @@
     python -m memopt_lib.bench --device cpu --model gpt2 --batch 2 --seq 64 --json out.json
     python -m memopt_lib.bench --model llama-7b --batch 4 --seq 512 --plot ladder.png   # QLoRA rows (CUDA)
 
-Each row is one :class:`Row` (a name and technique flags), built in a fresh
-model by :func:`run_row` and measured with :func:`memopt_lib.profiler.measure`:
-one warm-up step (creates the optimizer state), one measured step (the peak),
-then ``--steps`` timed steps (median). The first row is always the fp32 baseline
+Each row is one :class:`Row`: a name and a :class:`memopt_lib.recipe.Recipe`,
+composed in a fresh model by :func:`memopt_lib.recipe.compose` (the bench builds
+nothing itself) and measured with :func:`memopt_lib.profiler.measure`: one
+warm-up step (creates the optimizer state), one measured step (the peak and the
+row's ``loss``), then ``--steps`` timed steps (median). Accumulation is
+token-normalized, as everywhere in the package. The first row is always the fp32 baseline
 and every ratio is relative to it. A row that cannot run here (a 7B in fp32, a
 row whose predicted memory exceeds the device) is printed as skipped, with the
 reason -- never dropped. This is the command to run on a GPU to check the
@@ -16,74 +18,86 @@ course's thresholds against the H200 anchors in ``memopt_lib/assets``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .profiler import GiB, fmt_bytes, measure
-
-LORA_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "k_proj", "v_proj", "o_proj")}
+from .recipe import FP32, MEMOPT_GPT2, MEMOPT_LLAMA, QLORA_DEFAULT, QLORA_LEAN, Recipe, compose, resolve_precision
 
 
 @dataclass(frozen=True)
 class Row:
-    """One rung of the ladder: which techniques are on."""
+    """One rung of the ladder: a stable name and the recipe it measures (a predictor builds the same step)."""
 
     name: str
-    amp: bool = False          # torch.autocast to bf16 (fp16 + GradScaler on GPUs without native bf16)
-    pure_bf16: bool = False    # weights, gradients and AdamW state in bf16
-    ckpt: bool = False         # Hugging Face gradient checkpointing (non-reentrant)
-    accum: int = 1             # micro-batches per optimizer step (batch split accum ways)
-    lora: bool = False         # peft LoRA r=16 on the attention projections, base frozen
-    opt8bit: bool = False      # bitsandbytes AdamW8bit instead of torch AdamW
-    quant4: str = ""           # "nf4-dq" / "nf4": load the base in 4 bits (QLoRA; implies lora)
-    paged: bool = False        # PagedAdamW8bit (CUDA unified memory for the optimizer state)
+    recipe: Recipe
 
 
-BASELINE = Row("fp32 baseline")
+def _row(name: str, base: Recipe | None = None, **changes) -> Row:
+    return Row(name, (base or Recipe()).with_(name=name, **changes))
+
+
+BASELINE = Row(FP32.name, FP32)
 LADDER = [
     BASELINE,
-    Row("autocast", amp=True),
-    Row("pure bf16", pure_bf16=True),
-    Row("checkpointing", ckpt=True),
-    Row("accumulation 4x", accum=4),
-    Row("LoRA r16", lora=True),
-    Row("8-bit AdamW", opt8bit=True),
-    Row("autocast + ckpt", amp=True, ckpt=True),
-    Row("autocast + 8-bit AdamW", amp=True, opt8bit=True),
-    Row("pure bf16 + ckpt + 8-bit AdamW", pure_bf16=True, ckpt=True, opt8bit=True),
-    Row("LoRA + autocast + ckpt", lora=True, amp=True, ckpt=True),
+    _row("autocast", precision="amp"),
+    _row("pure bf16", precision="pure-bf16"),
+    _row("checkpointing", checkpointing=True),
+    _row("accumulation 4x", micro_batches=4),
+    _row("LoRA r16", lora_rank=16),
+    _row("8-bit AdamW", optimizer="adamw_8bit"),
+    _row("chunked cross-entropy", chunked_loss=True),
+    _row("optimizer in backward", optimizer_in_backward=True),
+    _row("autocast + ckpt", precision="amp", checkpointing=True),
+    _row("autocast + 8-bit AdamW", precision="amp", optimizer="adamw_8bit"),
+    _row("pure bf16 + ckpt + 8-bit AdamW", precision="pure-bf16", checkpointing=True, optimizer="adamw_8bit"),
+    _row("LoRA + autocast + ckpt", lora_rank=16, precision="amp", checkpointing=True),
 ]
+GPT2_ROWS = [Row(MEMOPT_GPT2.name, MEMOPT_GPT2)]
+# the 4-bit rows before "QLoRA default" keep their names and their stack (prepare_model_for_kbit_training)
 QLORA = [
-    Row("QLoRA nf4+dq + ckpt", quant4="nf4-dq", lora=True, amp=True, ckpt=True),
-    Row("QLoRA nf4+dq no ckpt", quant4="nf4-dq", lora=True, amp=True),
-    Row("QLoRA nf4 (no dq) + ckpt", quant4="nf4", lora=True, amp=True, ckpt=True),
-    Row("QLoRA nf4+dq + ckpt + paged 8-bit AdamW", quant4="nf4-dq", lora=True, amp=True, ckpt=True,
-        opt8bit=True, paged=True),
+    _row("QLoRA nf4+dq + ckpt", QLORA_DEFAULT),
+    _row("QLoRA nf4+dq no ckpt", QLORA_DEFAULT, checkpointing=False),
+    _row("QLoRA nf4 (no dq) + ckpt", QLORA_DEFAULT, quantization="nf4"),
+    _row("QLoRA nf4+dq + ckpt + paged 8-bit AdamW", QLORA_DEFAULT, optimizer="paged_adamw_8bit"),
+    Row(QLORA_DEFAULT.name, QLORA_DEFAULT),
+    Row(QLORA_LEAN.name, QLORA_LEAN),
+    _row("QLoRA lean + vocab placement", QLORA_LEAN, embedding="host", lm_head="8bit"),
+    Row(MEMOPT_LLAMA.name, MEMOPT_LLAMA),
 ]
 
 
 def rows_for(model_name: str) -> list[Row]:
-    """GPT-2: the ladder. Llama models: the ladder and the QLoRA configurations of the capstone."""
+    """GPT-2: the ladder and memopt's full fine-tuning recipe. Llama: the ladder and the 4-bit recipes."""
     from .models import spec
-    return LADDER + (QLORA if spec(model_name).family == "llama" else [])
+    return LADDER + (QLORA if spec(model_name).family == "llama" else GPT2_ROWS)
+
+
+def row_recipe(name: str, model_name: str) -> Recipe:
+    """The recipe of bench row ``name`` for ``model_name`` (case-insensitive), e.g. for a predictor."""
+    for r in rows_for(model_name):
+        if r.name.lower() == name.lower():
+            return r.recipe
+    raise KeyError(f"no bench row {name!r} for {model_name}; rows: {[r.name for r in rows_for(model_name)]}")
 
 
 # ---------------------------------------------------------------------- one row
-def _predicted_bytes(row: Row, cfg, batch: int, seq: int) -> float:
+def _predicted_bytes(rc: Recipe, cfg, batch: int, seq: int) -> float:
+    """The calculator's estimate (it knows precision, 4-bit, LoRA, 8-bit states, checkpointing, micro-batches)."""
     from .calculator import Shape, estimate
+    from .lora import DEFAULT_TARGETS
     shape = Shape.from_config(cfg)
-    weights = "nf4" if row.quant4 else ("bf16" if row.pure_bf16 else "fp32")
-    acts = "bf16" if (row.amp or row.pure_bf16 or row.quant4) else "fp32"
-    est = estimate(shape, batch=max(1, batch // row.accum), seq=seq, weights=weights, activations=acts,
-                   optimizer="adamw8bit" if row.opt8bit else "adamw", lora_rank=16 if row.lora else 0,
-                   lora_targets=LORA_TARGETS[cfg.model_type if cfg.model_type == "gpt2" else "llama"],
-                   checkpointing=row.ckpt)
+    weights = "nf4" if rc.quantization else ("bf16" if rc.precision == "pure-bf16" else "fp32")
+    acts = "fp32" if rc.precision == "fp32" else "bf16"
+    est = estimate(shape, batch=max(1, batch // rc.micro_batches), seq=seq, weights=weights, activations=acts,
+                   optimizer="adamw8bit" if "8bit" in rc.optimizer else "adamw", lora_rank=rc.lora_rank,
+                   lora_targets=rc.lora_targets or DEFAULT_TARGETS["gpt2" if cfg.model_type == "gpt2" else "llama"],
+                   checkpointing=rc.checkpointing)
     return sum(est.values())
 
 
@@ -104,77 +118,21 @@ def cpu_has_fast_bf16() -> bool:
 
 def _skip_reason(row: Row, args, cfg) -> str | None:
     from .device import hardware_info
-    if row.accum > 1 and args.batch < 2:
+    rc = row.recipe
+    if rc.micro_batches > 1 and args.batch < 2:
         return "accumulation needs --batch >= 2 (the batch is split into micro-batches)"
-    if row.paged and args.device.type != "cuda":
+    if rc.optimizer == "paged_adamw_8bit" and args.device.type != "cuda":
         return "paged optimizers page between GPU and host memory: CUDA only"
-    if (args.device.type == "cpu" and (row.amp or row.pure_bf16 or row.quant4) and not args.cpu_bf16
+    if (args.device.type == "cpu" and resolve_precision(rc, args.device).mode != "fp32" and not args.cpu_bf16
             and not cpu_has_fast_bf16()):
         return ("bf16 matmuls are emulated on this CPU (no AVX512-BF16/AMX): 10-25x slower than fp32; "
                 "pass --cpu-bf16 to run it anyway (small models), or run on a GPU")
     total = hardware_info(args.device).total_memory_bytes
-    need = _predicted_bytes(row, cfg, args.batch, args.seq)
+    need = _predicted_bytes(rc, cfg, args.batch, args.seq)
     if total and need > 0.95 * total:
         return (f"predicted {fmt_bytes(need)} (calculator) exceeds this device's {fmt_bytes(total)}; "
                 "run it on a bigger one")
     return None
-
-
-def _build(row: Row, args):
-    """A fresh model with the row's techniques applied, plus its optimizer, autocast factory and scaler."""
-    from .device import amp_dtype
-    from .models import load_model, spec
-    family = spec(args.model).family
-    dev = args.device
-    kw = {}
-    if row.quant4:
-        from transformers import BitsAndBytesConfig
-        kw = dict(quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=row.quant4 == "nf4-dq",
-            bnb_4bit_compute_dtype=amp_dtype(dev)), dtype=torch.bfloat16, device_map={"": str(dev)})
-    elif row.pure_bf16:
-        kw = dict(dtype=torch.bfloat16)
-    model = load_model(args.model, train=True, **kw)
-    if not row.quant4:
-        model.to(dev)
-    model.config.use_cache = False  # a KV cache is for generation; in training it only costs memory
-    if row.quant4:
-        from peft import prepare_model_for_kbit_training
-        # upcasts embeddings, lm_head and norms to fp32 (+0.49 GiB at 7B, see the H200 anchors)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=row.ckpt,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif row.ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if row.lora or row.quant4:
-        from peft import LoraConfig, get_peft_model
-        lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(LORA_TARGETS[family]),
-                          fan_in_fan_out=family == "gpt2", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
-    model.train()  # HF checkpointing is silently off in eval mode
-    params = [p for p in model.parameters() if p.requires_grad]
-    if row.opt8bit:
-        import bitsandbytes as bnb
-        opt = (bnb.optim.PagedAdamW8bit if row.paged else bnb.optim.AdamW8bit)(params, lr=1e-4)
-    else:
-        opt = torch.optim.AdamW(params, lr=1e-4)
-    adt = amp_dtype(dev)
-    autocast = (lambda: torch.autocast(dev.type, dtype=adt)) if (row.amp or row.quant4) else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(dev.type, enabled=row.amp and adt == torch.float16 and dev.type == "cuda")
-    return model, opt, autocast, scaler
-
-
-def _step_fn(model, opt, autocast, scaler, micro_batches):
-    def step():
-        # set_to_none frees last step's gradients before the forward instead of zero-filling them
-        opt.zero_grad(set_to_none=True)
-        for mb in micro_batches:  # one micro-batch unless accumulating; the gradients add up in .grad
-            with autocast():
-                loss = model(**mb).loss / len(micro_batches)
-            scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        return loss.detach()
-    return step
 
 
 def _free(device: torch.device) -> None:
@@ -185,40 +143,40 @@ def _free(device: torch.device) -> None:
 
 
 def run_row(row: Row, args) -> dict:
-    """Build, measure and free one row; returns plain data (``status`` ok / skipped / oom / error)."""
+    """Compose, measure and free one row; returns plain data (``status`` ok / skipped / oom / error)."""
     from .models import model_config
     from .text import random_batch
     cfg = model_config(args.model)
     out = {"name": row.name, "device": str(args.device), "model": args.model, "batch": args.batch, "seq": args.seq,
            "status": "ok", "reason": "", "peak_allocated_bytes": None, "peak_reserved_bytes": None,
            "device_used_bytes": None, "step_time_s": None, "ratio": None, "time_ratio": None,
-           "breakdown_bytes": None, "trainable_params": None, "predicted_bytes": None, "flags": asdict(row)}
-    out["predicted_bytes"] = _predicted_bytes(row, cfg, args.batch, args.seq)
+           "breakdown_bytes": None, "trainable_params": None, "predicted_bytes": None, "loss": None,
+           "flags": row.recipe.to_dict()}
+    out["predicted_bytes"] = _predicted_bytes(row.recipe, cfg, args.batch, args.seq)
     reason = _skip_reason(row, args, cfg)
     if reason:
         out.update(status="skipped", reason=reason)
         return out
-    model = opt = step = None
+    composed = None
     try:
-        model, opt, autocast, scaler = _build(row, args)
-        k = min(row.accum, args.batch)
+        composed = compose(row.recipe, args.model, args.device)
         batch = random_batch(cfg.vocab_size, args.batch, args.seq, device=args.device)
-        micro = [{key: v[i::k] for key, v in batch.items()} for i in range(k)]
-        step = _step_fn(model, opt, autocast, scaler, micro)
-        rep = measure(step, device=args.device, model=model, optimizer=opt, warmup=1, timed_calls=args.steps,
-                      label=row.name, timeline=False)
+        losses: list[float] = []
+        rep = measure(lambda: losses.append(composed.step(batch)), device=args.device, model=composed.model,
+                      optimizer=composed.optimizer, warmup=1, timed_calls=args.steps, label=row.name, timeline=False)
         out.update(peak_allocated_bytes=rep.peak_allocated_bytes, peak_reserved_bytes=rep.peak_reserved_bytes,
                    device_used_bytes=rep.device_used_bytes, step_time_s=rep.step_time_s,
-                   breakdown_bytes=rep.breakdown_bytes,
-                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
-        if k != row.accum:
+                   breakdown_bytes=rep.breakdown_bytes, loss=losses[1],  # the measured (second) step's loss
+                   trainable_params=sum(p.numel() for p in composed.model.parameters() if p.requires_grad))
+        k = min(row.recipe.micro_batches, args.batch)
+        if k != row.recipe.micro_batches:
             out["reason"] = f"batch {args.batch} split {k} ways"
     except torch.OutOfMemoryError as err:
         out.update(status="oom", reason=str(err).splitlines()[0][:200])
     except Exception as err:  # one broken row must not hide the others
         out.update(status="error", reason=f"{type(err).__name__}: {str(err)[:200]}")
     finally:
-        del model, opt, step
+        del composed
         _free(args.device)  # each row starts from an empty device: rows must not contaminate each other
     return out
 
@@ -248,7 +206,8 @@ def run_ladder(args, rows: list[Row] | None = None) -> list[dict]:
 # ---------------------------------------------------------------------- output
 def table(rows: list[dict]) -> str:
     w = max(len(r["name"]) for r in rows)
-    head = f"{'row':<{w}}  {'peak alloc':>11}  {'reserved':>10}  {'dev used':>10}  {'step':>9}  {'x mem':>6}  {'x time':>6}"
+    head = (f"{'row':<{w}}  {'peak alloc':>11}  {'reserved':>10}  {'dev used':>10}  {'step':>9}  {'x mem':>6}  "
+            f"{'x time':>6}  {'loss':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["status"] != "ok":
@@ -260,7 +219,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['name']:<{w}}  {fmt_bytes(r['peak_allocated_bytes']):>11}  "
                      f"{fmt_bytes(r['peak_reserved_bytes']) if r['peak_reserved_bytes'] else '-':>10}  "
                      f"{fmt_bytes(r['device_used_bytes']) if r['device_used_bytes'] else '-':>10}  "
-                     f"{t:>9}  {ratio:>6}  {tr:>6}" + (f"  ({r['reason']})" if r.get("reason") else ""))
+                     f"{t:>9}  {ratio:>6}  {tr:>6}  {'-' if r.get('loss') is None else format(r['loss'], '7.4f'):>7}"
+                     + (f"  ({r['reason']})" if r.get("reason") else ""))
     return "\n".join(lines)
 
 

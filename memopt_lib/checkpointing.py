@@ -124,6 +124,21 @@ def enable_checkpointing(model, *, use_reentrant: bool = False, every_n_layers: 
     return model
 
 
+def checkpointing_enabled(model: torch.nn.Module) -> bool:
+    """The switches, read (cheap): will the next training forward checkpoint some block?
+
+    True when a Hugging Face layer has ``gradient_checkpointing`` set *and* is in train mode (eval mode
+    silently skips it), or a block is wrapped by :func:`checkpoint_blocks`. It reads flags; for proof by
+    measurement use :func:`checkpointing_active`.
+    """
+    hf = any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())
+    try:
+        wrapped = any(hasattr(b, "_memopt_plain_forward") for b in transformer_blocks(model))
+    except ValueError:
+        wrapped = False
+    return hf or wrapped
+
+
 @contextmanager
 def checkpointing_disabled(model: torch.nn.Module):
     """Temporarily switch off Hugging Face's and :func:`checkpoint_blocks`'s checkpointing (to measure without)."""

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from .quantization import optimizer_state_bytes  # noqa: F401  (one count of optimizer state, re-exported)
+
 DEFAULT_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "k_proj", "v_proj", "o_proj")}
 ALL_LINEAR = "all-linear"  # peft's spelling: every Linear/Conv1D except the output layer
 
@@ -154,19 +156,6 @@ def adapter_optimizer(model: torch.nn.Module, lr: float = 2e-4, **kw) -> torch.o
     if not params:
         raise ValueError("no trainable parameters: apply LoRA (or unfreeze something) before building the optimizer")
     return torch.optim.AdamW(params, lr=lr, **kw)
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in ``optimizer.state`` (AdamW: ``exp_avg``, ``exp_avg_sq`` and a scalar ``step`` per tensor)."""
-    seen, n = set(), 0
-    for st in optimizer.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor):
-                key = v.untyped_storage()._cdata if v.device.type != "meta" else id(v)
-                if key not in seen:
-                    seen.add(key)
-                    n += v.numel() * v.element_size()
-    return n
 
 
 def lora_b_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -115,7 +115,7 @@ class PrecisionConfig:
             raise ValueError(f"{name} (compute capability {cap[0]}.{cap[1]}) has no native bf16: it would be "
                              "emulated, slower and saving nothing. Use mode='amp' with dtype=None or "
                              "torch.float16 (a GradScaler is created for you by make_scaler)")
-        if dtype == torch.float16 and device.type == "cpu":
+        if dtype == torch.float16 and device.type == "cpu" and cap is None:  # (a simulated capability passes)
             raise ValueError("on a CPU use bf16 (fp32's range, no GradScaler needed): "
                              "PrecisionConfig(mode='amp', dtype=None) or dtype=torch.bfloat16")
         return replace(self, dtype=dtype)

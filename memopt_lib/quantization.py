@@ -233,7 +233,15 @@ def load_quantized(name: str, bits: int = 4, quant_type: str = "nf4", double_qua
     """
     device = torch.device(device) if device is not None else pick_device()
     cfg = bnb_config(bits, quant_type, double_quant, compute_dtype)
-    return load_model(name, quantization_config=cfg, dtype=dtype, device_map={"": str(device)}, train=train, **kw)
+    return load_model(name, quantization_config=cfg, dtype=dtype, device_map=device_map(device), train=train, **kw)
+
+
+def device_map(device: torch.device | str) -> dict:
+    """``{"": device}``: the whole model on one device, in accelerate's spelling (a CUDA index, or a name)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"": device.index if device.index is not None else torch.cuda.current_device()}
+    return {"": str(device)}
 
 
 def quant_tensors(p: torch.Tensor) -> list[torch.Tensor]:
@@ -297,14 +305,68 @@ def measure_loaded_bytes(load: Callable[[], torch.nn.Module], device=None) -> tu
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the distinct tensor storages in ``optimizer.state`` (measured, not predicted)."""
+    """Bytes of the distinct tensor storages in ``optimizer.state`` (measured, not predicted).
+
+    The one count of the package (``lora`` re-exports it): every state tensor -- AdamW's ``exp_avg`` and
+    ``exp_avg_sq``, its scalar ``step``, an 8-bit optimizer's codes and block scales -- each storage once.
+    On the ``meta`` device (no storage) it counts ``numel * element_size``.
+    """
     seen, total = set(), 0
     for state in optimizer.state.values():
         for v in state.values():
-            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in seen:
-                seen.add(v.untyped_storage().data_ptr())
-                total += v.untyped_storage().nbytes()
+            if not isinstance(v, torch.Tensor):
+                continue
+            if v.device.type == "meta":
+                key, nbytes = ("meta", id(v)), v.numel() * v.element_size()
+            else:
+                key, nbytes = (v.device, v.untyped_storage().data_ptr()), v.untyped_storage().nbytes()
+            if key not in seen:
+                seen.add(key)
+                total += nbytes
     return total
+
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+
+
+def make_optimizer(params, *, kind: str = "adamw_8bit", lr: float = 1e-4, device: torch.device | str = "cpu"):
+    """An AdamW over ``params`` (a list of tensors, or a model: its trainable parameters), states as ``kind`` says.
+
+    * ``"adamw"``: ``torch.optim.AdamW``, two fp32 states (8 bytes per trainable parameter);
+    * ``"adamw_8bit"``: bitsandbytes ``AdamW8bit``, two 8-bit states with block scales (~2 bytes);
+    * ``"paged_adamw_8bit"``: ``PagedAdamW8bit``, the same states in CUDA unified memory that the driver pages
+      to host RAM under pressure. It needs CUDA: elsewhere ``AdamW8bit`` is used, with a printed notice.
+    If bitsandbytes cannot build an 8-bit optimizer here, ``torch.optim.AdamW`` is used, with a notice.
+    """
+    from .models import notice
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer kind must be one of {OPTIMIZERS}, got {kind!r}")
+    device = torch.device(device)
+    if isinstance(params, torch.nn.Module):
+        params = [p for p in params.parameters() if p.requires_grad]
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters: apply LoRA (or unfreeze something) before building the optimizer")
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if kind == "paged_adamw_8bit" and device.type != "cuda":
+        notice(f"paged optimizers need CUDA unified memory; on {device.type} using bitsandbytes AdamW8bit "
+               "(the same 8-bit states, not paged)")
+        kind = "adamw_8bit"
+    try:
+        import bitsandbytes as bnb
+        cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return cls(params, lr=lr)
+    except (ImportError, RuntimeError, NotImplementedError) as err:
+        notice(f"bitsandbytes 8-bit AdamW unavailable on {device.type} ({type(err).__name__}: {err}); "
+               "falling back to torch.optim.AdamW (fp32 states: 8 bytes per trainable parameter)")
+        return torch.optim.AdamW(params, lr=lr)
+
+
+def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state in bitsandbytes paged (unified) memory, which ``max_memory_allocated`` misses."""
+    return sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor) and getattr(t, "is_paged", False))
 
 
 def state_after_one_step(model: torch.nn.Module, batch: dict, optimizer_cls, **kwargs) -> int:

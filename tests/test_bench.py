@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memopt_lib import bench
+from memopt_lib import bench, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,8 @@ def ladder(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     js, png = out / "rows.json", out / "ladder.png"
     proc = _cli("--device", "cpu", "--model", "gpt2-tiny", "--batch", "4", "--seq", "16", "--steps", "1",
-                "--rows", "pure bf16,checkpointing,8-bit AdamW,accumulation 4x", "--cpu-bf16", "--json", str(js), "--plot", str(png))
+                "--rows", "pure bf16,checkpointing,8-bit AdamW,accumulation 4x,chunked cross-entropy,optimizer in backward,"
+                "memopt recipe", "--cpu-bf16", "--json", str(js), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(js.read_text()), png
 
@@ -40,7 +41,7 @@ def test_cli_prints_a_table(ladder):
 
 def test_json_schema_and_baseline_first(ladder):
     _, rows, _ = ladder
-    assert isinstance(rows, list) and len(rows) == 5
+    assert isinstance(rows, list) and len(rows) == 8
     assert rows[0]["name"] == bench.BASELINE.name and rows[0]["ratio"] == 1.0
     for r in rows:
         assert {"name", "peak_allocated_bytes", "step_time_s", "device", "status", "reason", "ratio"} <= set(r)
@@ -48,6 +49,8 @@ def test_json_schema_and_baseline_first(ladder):
         assert isinstance(r["peak_allocated_bytes"], int) and r["peak_allocated_bytes"] > 0
         assert r["step_time_s"] > 0
         assert sum(r["breakdown_bytes"].values()) == r["peak_allocated_bytes"]
+        assert isinstance(r["loss"], float) and 0 < r["loss"] < 20  # the measured step's loss, every row
+        assert r["flags"] == bench.row_recipe(r["name"], "gpt2-tiny").to_dict()
 
 
 def test_ratios_are_consistent_with_bytes(ladder):
@@ -59,6 +62,20 @@ def test_ratios_are_consistent_with_bytes(ladder):
     # the techniques do what they claim, measured: bf16 halves the persistent state, 8-bit shrinks the optimizer
     assert by_name["pure bf16"]["ratio"] < 0.7
     assert by_name["8-bit AdamW"]["breakdown_bytes"]["optimizer"] < 0.3 * rows[0]["breakdown_bytes"]["optimizer"]
+    assert by_name["optimizer in backward"]["breakdown_bytes"]["gradients"] < 0.5 * rows[0]["breakdown_bytes"]["gradients"]
+    assert by_name["memopt recipe"]["ratio"] < by_name["checkpointing"]["ratio"]
+
+
+def test_rows_are_recipes_and_nothing_is_built_here():
+    assert bench.row_recipe("memopt recipe", "gpt2") is recipe.MEMOPT_GPT2
+    assert bench.row_recipe("MEMOPT RECIPE", "llama-7b") is recipe.MEMOPT_LLAMA
+    assert bench.row_recipe("QLoRA default", "llama-7b") is recipe.QLORA_DEFAULT
+    names = [r.name for r in bench.rows_for("llama-7b")]
+    assert len(names) == len(set(names)) and names[0] == "fp32 baseline"
+    with pytest.raises(KeyError, match="rows"):
+        bench.row_recipe("QLoRA default", "gpt2")
+    for gone in ("_build", "_step_fn", "LORA_TARGETS"):
+        assert not hasattr(bench, gone), gone
 
 
 def test_plot_is_a_png(ladder):
@@ -97,10 +114,17 @@ def test_a_7b_row_that_does_not_fit_is_skipped_with_the_prediction():
 def test_qlora_row_runs_on_cpu(tmp_path):
     """bitsandbytes' CPU kernels: a 4-bit base + LoRA + checkpointing trains on CPU (llama-tiny)."""
     js = tmp_path / "q.json"
-    assert bench.main(["--device", "cpu", "--model", "llama-tiny", "--batch", "1", "--seq", "16", "--steps", "0",
-                       "--rows", "qlora nf4+dq no ckpt", "--cpu-bf16", "--json", str(js), "--quiet"]) == 0
-    rows = json.loads(js.read_text())
-    q = rows[1]
-    assert q["status"] == "ok", q["reason"]
-    assert q["trainable_params"] < 0.2 * rows[0]["trainable_params"]
-    assert q["ratio"] < 1.0
+    assert bench.main(["--device", "cpu", "--model", "llama-tiny", "--batch", "2", "--seq", "32", "--steps", "0",
+                       "--rows", "qlora nf4+dq no ckpt,QLoRA default,memopt recipe,QLoRA lean + vocab placement",
+                       "--json", str(js), "--quiet"]) == 0
+    rows = json.loads(js.read_text())  # in the ladder's order
+    placed = next(r for r in rows if r["name"] == "QLoRA lean + vocab placement")
+    assert placed["status"] == "skipped" and "CUDA" in placed["reason"]  # the lean stack's paged AdamW
+    for q in (r for r in rows[1:] if r is not placed):
+        assert q["status"] == "ok", q["reason"]
+        assert q["trainable_params"] < 0.2 * rows[0]["trainable_params"]
+        assert q["ratio"] < 1.0 and 0 < q["loss"] < 20
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["QLoRA default"]["flags"]["prepare"] == "peft"
+    # memopt's recipe beats the default stack on the same shapes (CPU: fp32 compute, tracker peaks)
+    assert by_name["memopt recipe"]["peak_allocated_bytes"] < by_name["QLoRA default"]["peak_allocated_bytes"]

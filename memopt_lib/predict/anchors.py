@@ -17,9 +17,10 @@ import json
 from pathlib import Path
 
 from ..bench import Row
+from ..recipe import Recipe
 
 GiB = float(1 << 30)
-LORA_AMP = Row("LoRA r16 + autocast", lora=True, amp=True)
+LORA_AMP = Row("LoRA r16 + autocast", Recipe("LoRA r16 + autocast", lora_rank=16, precision="amp"))
 
 # anchor name -> (model, batch, seq, row name or Row, options)
 ANCHOR_CONFIGS: dict[str, tuple] = {

@@ -1,8 +1,10 @@
 """One training step of a course configuration, run on meta tensors and replayed as CUDA would run it.
 
-The step is the bench's own: :func:`memopt_lib.bench._step_fn` (zero_grad(set_to_none), a forward per
-micro-batch under the row's autocast, ``scaler.scale(loss).backward()``, ``scaler.step``), on a model
-built the way :func:`memopt_lib.bench._build` builds it -- ``use_cache`` off, Hugging Face
+The step is the bench's, i.e. :meth:`memopt_lib.recipe.Composed.step` (zero_grad(set_to_none), a forward per
+micro-batch under the row's autocast, ``scaler.scale(loss).backward()``, ``scaler.step``; the loss scale,
+token-normalized there, does not change memory, and counting tokens is impossible on meta tensors, so
+:func:`_meta_step` divides by the number of micro-batches), on a model built the way
+:func:`memopt_lib.recipe.compose` builds the row's :class:`~memopt_lib.recipe.Recipe` -- ``use_cache`` off, Hugging Face
 checkpointing (non-reentrant) or ``prepare_model_for_kbit_training``, peft LoRA r=16 alpha=32 dropout
 0.05 on the bench's targets, ``model.train()`` -- except that the weights are born on the meta device
 from the model's config (no checkpoint is read; a 7B costs nothing) and then "moved to the GPU" in the
@@ -97,11 +99,41 @@ def _move_to_gpu(model: torch.nn.Module) -> None:
     model._apply(fn)
 
 
+def _flags(rc):
+    """The recipe fields this predictor models, as flags; a clear error for the ones it does not model yet."""
+    from types import SimpleNamespace
+    missing = [what for what, on in (("chunked_loss", rc.chunked_loss), ("optimizer_in_backward", rc.optimizer_in_backward),
+                                      ("embedding/lm_head placement", (rc.embedding, rc.lm_head) != ("keep", "keep")),
+                                      ("lean 4-bit preparation", bool(rc.quantization) and rc.prepare == "lean"))
+               if on]
+    if missing:
+        raise NotImplementedError(f"the predictor does not model {', '.join(missing)} yet (recipe {rc.name!r})")
+    return SimpleNamespace(name=rc.name, amp=rc.precision in ("amp", "auto"), pure_bf16=rc.precision == "pure-bf16",
+                           ckpt=rc.checkpointing, accum=rc.micro_batches, lora=rc.lora_rank > 0,
+                           opt8bit="8bit" in rc.optimizer, quant4=rc.quantization,
+                           paged=rc.optimizer == "paged_adamw_8bit")
+
+
+def _meta_step(model, opt, autocast, scaler, micro_batches):
+    """The step's memory behaviour on meta tensors (see the module docstring for the loss scale)."""
+    def step():
+        opt.zero_grad(set_to_none=True)  # frees last step's gradients before the forward
+        for mb in micro_batches:
+            with autocast():
+                loss = model(**mb).loss / len(micro_batches)
+            scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss.detach()
+    return step
+
+
 def _build(row, model_name: str, g: GPU, opts: StepOptions, replay: AllocatorReplay):
     from transformers import AutoModelForCausalLM
 
-    from ..bench import LORA_TARGETS
+    from ..lora import DEFAULT_TARGETS as LORA_TARGETS
     from ..models import model_config, spec
+    row = _flags(row.recipe)
     family = spec(model_name).family
     cfg = model_config(model_name)
     cfg.use_cache = False  # a KV cache is for generation; in training it only costs memory
@@ -212,10 +244,9 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
             ids = torch.empty(batch, seq, dtype=torch.long, device="meta")
             data = {"input_ids": ids, "labels": ids.clone()}
             mask = torch.empty_like(ids)  # noqa: F841 -- allocated as the bench's batch is (see module doc)
-            k = min(row.accum, batch)
+            k = min(row.recipe.micro_batches, batch)
             micro = [{key: v[i::k] for key, v in data.items()} for i in range(k)]
-            from ..bench import _step_fn
-            step = _step_fn(m, opt, autocast, scaler, micro)
+            step = _meta_step(m, opt, autocast, scaler, micro)
             reserved_run = 0
             for i in range(opts.steps):
                 if i == opts.steps - 1:
