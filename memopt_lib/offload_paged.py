@@ -23,6 +23,14 @@ import torch
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer: ``p.numel() < 1e5`` -> not paged
 
 
+def paged_split(numels: Iterable[int], min_numel: int = PAGED_MIN_NUMEL) -> dict[str, int]:
+    """Which parameter tensors (by number of values) a paged optimizer would really page (arithmetic)."""
+    numels = list(numels)
+    paged = [n for n in numels if n >= min_numel]
+    return {"paged_tensors": len(paged), "paged_values": sum(paged),
+            "unpaged_tensors": len(numels) - len(paged), "unpaged_values": sum(numels) - sum(paged)}
+
+
 def paged_state_plan(params: Iterable[torch.Tensor], *, state_tensors: int = 2, state_bytes: int = 4,
                      min_numel: int = PAGED_MIN_NUMEL) -> dict:
     """What a bitsandbytes paged optimizer would put in paged (unified) memory for these parameters.
@@ -31,13 +39,12 @@ def paged_state_plan(params: Iterable[torch.Tensor], *, state_tensors: int = 2, 
     is an ordinary device tensor. ``state_tensors`` per parameter (AdamW: 2) of ``state_bytes`` each (32-bit: 4;
     8-bit: 1, plus small quantization maps not counted). Plain data.
     """
-    params = [p for p in params if p.requires_grad]
-    paged = [p for p in params if p.numel() >= min_numel]
+    numels = [p.numel() for p in params if p.requires_grad]
+    split = paged_split(numels, min_numel)
     per = state_tensors * state_bytes
-    return {"tensors": len(params), "paged_tensors": len(paged),
-            "paged_bytes": sum(p.numel() for p in paged) * per,
-            "unpaged_bytes": sum(p.numel() for p in params if p.numel() < min_numel) * per,
-            "largest_numel": max((p.numel() for p in params), default=0), "min_numel": min_numel}
+    return {"tensors": len(numels), "paged_tensors": split["paged_tensors"],
+            "paged_bytes": split["paged_values"] * per, "unpaged_bytes": split["unpaged_values"] * per,
+            "largest_numel": max(numels, default=0), "min_numel": min_numel}
 
 
 def paged_tensors(optimizer) -> dict:

@@ -43,6 +43,7 @@ from typing import Callable, Iterable
 import torch
 
 from .device import pick_device
+from .offload_paged import PAGED_MIN_NUMEL, paged_split, paged_tensors  # noqa: F401 (paging lives there)
 from .models import count_parameters, load_model, model_config
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -50,8 +51,6 @@ BLOCK_4BIT = 64          # weights per absmax in bitsandbytes' 4-bit format
 DQ_BLOCK = 256           # absmax values per fp32 scale under double quantization
 OPT8_BLOCK = 256         # values per absmax in the 8-bit optimizer states
 OPT8_MIN_SIZE = 4096     # smaller tensors keep 32-bit optimizer state
-# bitsandbytes Optimizer8bit.get_state_buffer: `if not self.is_paged or p.numel() < 1e5` -> an ordinary buffer
-PAGED_MIN_NUMEL = 100_000
 
 
 # ---------------------------------------------------------------------- arithmetic
@@ -151,19 +150,6 @@ def adamw8bit_state_bytes(numels: Iterable[int], block_size: int = OPT8_BLOCK,
         else:
             total += 2 * 4 * n
     return total + (2 * 256 * 4 if any8 else 0)
-
-
-def paged_split(numels: Iterable[int], min_numel: int = PAGED_MIN_NUMEL) -> dict[str, int]:
-    """Which parameter tensors a bitsandbytes *paged* optimizer would really page (arithmetic).
-
-    Paged optimizers allocate a tensor's state in CUDA unified memory only when the
-    tensor has at least ``min_numel`` values; the rest get ordinary device memory,
-    counted by ``torch.cuda.max_memory_allocated`` like any other state.
-    """
-    numels = list(numels)
-    paged = [n for n in numels if n >= min_numel]
-    return {"paged_tensors": len(paged), "paged_values": sum(paged),
-            "unpaged_tensors": len(numels) - len(paged), "unpaged_values": sum(numels) - sum(paged)}
 
 
 def cpu_4bit_kernel_is_bf16() -> bool:
@@ -365,8 +351,7 @@ def make_optimizer(params, *, kind: str = "adamw_8bit", lr: float = 1e-4, device
 
 def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of optimizer state in bitsandbytes paged (unified) memory, which ``max_memory_allocated`` misses."""
-    return sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
-               if isinstance(t, torch.Tensor) and getattr(t, "is_paged", False))
+    return paged_tensors(optimizer)["paged_bytes"]
 
 
 def state_after_one_step(model: torch.nn.Module, batch: dict, optimizer_cls, **kwargs) -> int:

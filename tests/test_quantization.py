@@ -117,18 +117,6 @@ def test_predicted_bytes_match_cuda_allocator():
         del model
 
 
-def test_paged_threshold_is_bitsandbytes_own():
-    """PAGED_MIN_NUMEL is the size test in bitsandbytes' get_state_buffer (read from its source)."""
-    import inspect
-    import re
-
-    from bitsandbytes.optim.optimizer import Optimizer8bit
-    src = inspect.getsource(Optimizer8bit.get_state_buffer)
-    m = re.search(r"not self\.is_paged or p\.numel\(\) < ([0-9e.]+)", src)
-    assert m, "bitsandbytes changed how it decides what to page; update quantization.PAGED_MIN_NUMEL"
-    assert int(float(m.group(1))) == Q.PAGED_MIN_NUMEL
-
-
 def test_paged_split_pages_nothing_of_a_rank16_lora_of_the_7b():
     cfg = Q.model_config("llama-7b")
     r, d = 16, cfg.hidden_size

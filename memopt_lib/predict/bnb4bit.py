@@ -34,6 +34,8 @@ them with its real 4-bit LoRA layer and bitsandbytes' own Python (``Linear4bit.f
 """
 from __future__ import annotations
 
+from ..offload_paged import PAGED_MIN_NUMEL
+
 import torch
 
 from .replay import register_scratch
@@ -133,12 +135,11 @@ class AdamW8bitStandIn(torch.optim.Optimizer):
         self.replay = replay
         self.qmaps: dict[str, torch.Tensor] = {}
 
-    PAGED_MIN_NUMEL = 1e5  # bnb's get_state_buffer pages only tensors at least this large
 
     def _init_state(self, p, st):
         st["step"] = 0
         import contextlib
-        paged = self.paged and self.replay is not None and p.numel() >= self.PAGED_MIN_NUMEL
+        paged = self.paged and self.replay is not None and p.numel() >= PAGED_MIN_NUMEL  # bnb's get_state_buffer pages only tensors at least this large
         where = self.replay.untracked() if paged else contextlib.nullcontext()
         if p.numel() < self.min_8bit_size:
             with where:  # small tensors: fp32 states
