@@ -260,12 +260,21 @@ def parse_args(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--cpu-bf16", action="store_true",
                    help="run bf16 rows on a CPU without native bf16 (slow; fine for tiny models)")
+    from .predict.gpus import GPUS
+    p.add_argument("--predict", choices=sorted(GPUS), default=None, metavar="GPU",
+                   help="predict the ladder on this GPU instead of measuring it (meta tensors, from any machine; "
+                        f"{', '.join(sorted(GPUS))}); --batch/--seq default to the course's GPU shape (8 x 512)")
     args = p.parse_args(argv)
     for name in ("batch", "seq"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.steps < 0:
         p.error("--steps must be >= 0")
+    if args.predict:  # nothing runs: the course's GPU shapes unless given
+        args.model = args.model or "gpt2"
+        args.batch, args.seq = args.batch or 8, args.seq or 512
+        args.only = [s.strip() for s in args.rows.split(",") if s.strip()]
+        return args
     try:
         args.device = torch.device(args.device) if args.device else None
     except RuntimeError as err:
@@ -289,6 +298,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.predict:
+        from .predict.ladder import main as predict_main
+        return predict_main(["--gpu", args.predict, "--model", args.model, "--batch", str(args.batch),
+                             "--seq", str(args.seq), "--rows", ",".join(args.only)]
+                            + (["--json", args.json] if args.json else []) + (["--plot", args.plot] if args.plot else []))
     rows = rows_for(args.model)
     if args.only:
         rows = [BASELINE] + [r for r in rows[1:] if r.name.lower() in args.only]

@@ -128,3 +128,18 @@ def test_qlora_row_runs_on_cpu(tmp_path):
     assert by_name["QLoRA default"]["flags"]["prepare"] == "peft"
     # memopt's recipe beats the default stack on the same shapes (CPU: fp32 compute, tracker peaks)
     assert by_name["memopt recipe"]["peak_allocated_bytes"] < by_name["QLoRA default"]["peak_allocated_bytes"]
+
+
+def test_predict_flag_prints_the_same_ladder_marked_predicted(tmp_path, capsys):
+    """`python -m memopt_lib.bench --predict GPU` runs nothing: the bench's rows, predicted for that GPU."""
+    import json
+
+    from memopt_lib import bench
+    out = tmp_path / "pred.json"
+    assert bench.main(["--predict", "t4", "--rows", "checkpointing", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["model"], r["batch"], r["seq"]) for r in rows} == {("gpt2", 8, 512)}  # the course's GPU shape
+    assert [r["name"] for r in rows] == [bench.BASELINE.name, "checkpointing"]
+    assert all(r["predicted"] and r["device"] == "predicted:t4" for r in rows)
+    assert rows[1]["peak_allocated_bytes"] < 0.6 * rows[0]["peak_allocated_bytes"]  # at 8 x 512 it halves the peak
+    assert "PREDICTED" in capsys.readouterr().out
