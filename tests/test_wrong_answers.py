@@ -73,3 +73,8 @@ def _run(lab, wrong):
 @pytest.mark.parametrize("wrong", _cases("02"))
 def test_lab02_wrong_answers_fail(wrong):
     _run("02", wrong)
+
+
+@pytest.mark.parametrize("wrong", _cases("09"))
+def test_lab09_wrong_answers_fail(wrong):
+    _run("09", wrong)
