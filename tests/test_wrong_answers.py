@@ -78,3 +78,8 @@ def test_lab02_wrong_answers_fail(wrong):
 @pytest.mark.parametrize("wrong", _cases("09"))
 def test_lab09_wrong_answers_fail(wrong):
     _run("09", wrong)
+
+
+@pytest.mark.parametrize("wrong", _cases("07"))
+def test_lab07_wrong_answers_fail(wrong):
+    _run("07", wrong)
