@@ -83,3 +83,8 @@ def test_lab09_wrong_answers_fail(wrong):
 @pytest.mark.parametrize("wrong", _cases("07"))
 def test_lab07_wrong_answers_fail(wrong):
     _run("07", wrong)
+
+
+@pytest.mark.parametrize("wrong", _cases("03"))
+def test_lab03_wrong_answers_fail(wrong):
+    _run("03", wrong)
