@@ -88,3 +88,8 @@ def test_lab07_wrong_answers_fail(wrong):
 @pytest.mark.parametrize("wrong", _cases("03"))
 def test_lab03_wrong_answers_fail(wrong):
     _run("03", wrong)
+
+
+@pytest.mark.parametrize("wrong", _cases("05"))
+def test_lab05_wrong_answers_fail(wrong):
+    _run("05", wrong)
