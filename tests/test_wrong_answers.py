@@ -93,3 +93,8 @@ def test_lab03_wrong_answers_fail(wrong):
 @pytest.mark.parametrize("wrong", _cases("05"))
 def test_lab05_wrong_answers_fail(wrong):
     _run("05", wrong)
+
+
+@pytest.mark.parametrize("wrong", _cases("06"))
+def test_lab06_wrong_answers_fail(wrong):
+    _run("06", wrong)
