@@ -7,7 +7,12 @@ Rules, as in nbgrader:
 * in a markdown cell, such a region becomes ``YOUR ANSWER HERE``;
 * cells tagged ``solution`` are dropped whole;
 * outputs, execution counts and run metadata are cleared; cell ids are kept, so the
-  grader can match a student's cell to the instructor's.
+  grader can match a student's cell to the instructor's;
+* two cells open every lab (solutions stay without them): an "Open in Colab" badge and an
+  install cell that does nothing where ``memopt_lib`` is importable (``make lab``, the grader)
+  and ``pip install``-s the kit from the repository elsewhere (a fresh Colab runtime). Both
+  read the repository's address from ``[project.urls] Repository`` in ``pyproject.toml``,
+  the one place it is written.
 
 ``python -m memopt_lib.labgen solutions labs`` writes every lab; ``--check`` only
 reports differences (exit 1), which is what the sync test does.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import nbformat
@@ -26,6 +32,25 @@ END = "### END SOLUTION"
 SOLUTION_TAG = "solution"
 LAB_NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
 _VOLATILE_METADATA = ("execution", "collapsed", "scrolled", "ExecuteTime")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BRANCH = "main"  # the branch whose labs/ the Colab badges open
+BADGE_ID, INSTALL_ID = "colab-badge", "colab-install"
+COLAB_TAG = "colab"
+
+INSTALL_CELL = """\
+# Colab, or any Python without the kit: install memopt (a few minutes: torch and transformers
+# are large). Where memopt is already installed (`make lab`, the grader) this cell does nothing.
+import importlib, importlib.util, subprocess, sys
+if importlib.util.find_spec("memopt_lib") is None:
+    cmd = [sys.executable, "-m", "pip", "install", "{requirement}"]
+    print("installing:", " ".join(cmd[3:]), flush=True)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as pip:
+        for line in pip.stdout:  # pip's lines, shown as they come (downloads name their size)
+            print(line, end="", flush=True)
+    if pip.returncode:
+        raise RuntimeError(f"pip failed (exit {{pip.returncode}}); the lines above say why")
+    importlib.invalidate_caches()
+print("memopt", importlib.import_module("memopt_lib").__version__)"""
 
 
 class MarkerError(ValueError):
@@ -65,10 +90,53 @@ def clear_cell(cell) -> None:
         cell.metadata.pop(key, None)
 
 
+@lru_cache(maxsize=None)
+def repository_url() -> str:
+    """``[project.urls] Repository`` of ``pyproject.toml`` (of the installed package's metadata if no source tree)."""
+    pyproject = REPO_ROOT / "pyproject.toml"
+    if pyproject.exists():
+        try:
+            import tomllib
+            url = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"].get("urls", {}).get("Repository")
+        except ModuleNotFoundError:  # Python 3.10: no tomllib; the line is simple enough to read
+            m = re.search(r'^Repository\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), re.M)
+            url = m.group(1) if m else None
+    else:
+        from importlib import metadata
+        urls = metadata.metadata("memopt").get_all("Project-URL") or []
+        url = next((u.split(",", 1)[1].strip() for u in urls if u.lower().startswith("repository,")), None)
+    if not url or not re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", url.rstrip("/")):
+        raise ValueError(f"[project.urls] Repository in pyproject.toml must be https://github.com/OWNER/NAME, "
+                         f"got {url!r}: the Colab badge and install cell are built from it")
+    return url.rstrip("/")
+
+
+def colab_cells(name: str, url: str | None = None) -> list[nbformat.NotebookNode]:
+    """The badge and install cells that open the lab ``labs/<name>``."""
+    from nbformat.v4 import new_code_cell, new_markdown_cell
+    url = url or repository_url()
+    slug = url.removeprefix("https://github.com/")
+    colab = f"https://colab.research.google.com/github/{slug}/blob/{BRANCH}/labs/{name}"
+    badge = new_markdown_cell(
+        f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab})  \n"
+        "On Colab pick a GPU runtime (Runtime -> Change runtime type -> T4 GPU) before running the first cell.",
+        id=BADGE_ID)
+    install = new_code_cell(INSTALL_CELL.format(requirement=f"memopt @ git+{url}"), id=INSTALL_ID)
+    for cell in (badge, install):
+        cell.metadata["tags"] = [COLAB_TAG]
+    return [badge, install]
+
+
 def make_lab(solution: nbformat.NotebookNode, name: str = "notebook") -> nbformat.NotebookNode:
-    """The student version of a solution notebook (a new object; the input is not modified)."""
+    """The student version of a solution notebook (a new object; the input is not modified).
+
+    With a lab file ``name`` (``NN_topic.ipynb``) the lab opens with :func:`colab_cells`.
+    """
     lab = nbformat.from_dict(solution)
-    cells = []
+    taken = {c.get("id") for c in lab.cells} & {BADGE_ID, INSTALL_ID}
+    if taken:
+        raise ValueError(f"{name}: cell ids {sorted(taken)} are reserved for the cells labgen adds")
+    cells = colab_cells(name) if LAB_NAME.match(name) else []
     for i, cell in enumerate(lab.cells):
         if SOLUTION_TAG in cell.metadata.get("tags", []):
             continue

@@ -14,10 +14,13 @@ Models
 ``llama-7b``   Llama-2-7B shape (hidden 4096, 32 layers, 11008 MLP, vocab 32000);
                hub: ``NousResearch/Llama-2-7b-hf``, an ungated copy of Llama-2-7b-hf.
                (The seed text's "Llama-3.2-7B" does not exist: Llama 3.2 ships 1B and 3B.)
-``llama-tiny`` 4 layers, 256 wide, same architecture: the CPU stand-in for the 7B.
+``llama-tiny`` 4 layers, 256 wide, same architecture: the CPU stand-in for the 7B. Its MLP width is
+               704 (2.75 x 256; the 7B's ratio is 2.69): bitsandbytes' packed CPU kernel for
+               4-bit inference (AVX512-BF16 CPUs) needs output widths divisible by 32.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -41,9 +44,21 @@ class ModelSpec:
     about: str
 
 
-def _gpt2(**kw):
+def gpt2_config(**kw):
+    """A ``GPT2Config`` whose special token ids lie inside its vocabulary.
+
+    ``GPT2Config`` defaults ``bos_token_id``/``eos_token_id`` to 50256, GPT-2's ``<|endoftext|>``;
+    with a smaller ``vocab_size`` transformers warns that the id is outside the vocabulary.
+    There the id is 0, where the course's offline tokenizer puts ``<|endoftext|>``.
+    """
     from transformers import GPT2Config
+    if kw.get("vocab_size", 50257) <= 50256:
+        kw.setdefault("bos_token_id", 0)
+        kw.setdefault("eos_token_id", 0)
     return GPT2Config(**kw)
+
+
+_gpt2 = gpt2_config
 
 
 def _llama(**kw):
@@ -65,7 +80,7 @@ SPECS: dict[str, ModelSpec] = {
     "llama-7b": ModelSpec("llama-7b", "llama", "NousResearch/Llama-2-7b-hf", lambda: _llama(**LLAMA_7B),
                           "Llama-2-7B shape"),
     "llama-tiny": ModelSpec("llama-tiny", "llama", None,
-                            lambda: _llama(**{**LLAMA_7B, "hidden_size": 256, "intermediate_size": 688,
+                            lambda: _llama(**{**LLAMA_7B, "hidden_size": 256, "intermediate_size": 704,
                                               "num_hidden_layers": 4, "num_attention_heads": 4,
                                               "num_key_value_heads": 4, "vocab_size": LOCAL_VOCAB,
                                               "max_position_embeddings": 1024,
@@ -114,9 +129,13 @@ def local_checkpoint(name: str, dtype: torch.dtype | None = None) -> Path:
     The 7B checkpoint is written in bf16 (13 GB on disk, ~14 GB of RAM to build):
     only build it on a machine that has that.
     """
+    import hashlib
     sp = spec(name)
     dtype = dtype or (torch.bfloat16 if sp.name == "llama-7b" else torch.float32)
-    path = cache_dir() / "checkpoints" / f"{name}-random-{str(dtype).replace('torch.', '')}"
+    # the folder names the config's hash: a changed config builds a new checkpoint instead of loading a stale one
+    fields = {k: v for k, v in sp.make_config().to_dict().items() if k != "transformers_version"}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    path = cache_dir() / "checkpoints" / f"{name}-random-{str(dtype).replace('torch.', '')}-{digest}"
     if (path / "config.json").exists():
         return path
     from transformers import AutoModelForCausalLM
@@ -173,6 +192,10 @@ def load_model(name: str, *, hub_id: str | None = None, train: bool = True, **fr
                    "memory depends on shapes, not values, but its text is gibberish")
         model = AutoModelForCausalLM.from_pretrained(where, **from_pretrained_kwargs)
     model.memopt_source = f"{kind}:{where}"
+    if getattr(model, "loss_type", "") is None:
+        # transformers finds a model's loss by its class name; "GPT2LMHeadModel" matches none and it warns
+        # on every first forward with labels. It is a causal LM: say so, the loss is the one it falls back to.
+        model.loss_type = "ForCausalLM"
     if train:
         model.train()
     return model

@@ -72,6 +72,26 @@ def parse_oom_message(message: str) -> OOMInfo:
                    reserved_unallocated_bytes=find(_SIZE + " is reserved by PyTorch but unallocated"))
 
 
+def _allocator_size(n: int) -> str:
+    """A size the way PyTorch's allocator prints it in an OOM message."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def format_oom_message(tried: int, total: int, free: int, allocated: int, reserved_unallocated: int,
+                       other: int = 0, device: str = "GPU 0") -> str:
+    """A CUDA out-of-memory message in PyTorch's words (what simulations and checks raise)."""
+    s = _allocator_size
+    in_use = allocated + reserved_unallocated + other
+    return (f"CUDA out of memory. Tried to allocate {s(tried)}. {device} has a total capacity of {s(total)} of "
+            f"which {s(free)} is free. Including non-PyTorch memory, this process has {s(in_use)} memory in "
+            f"use. Of the allocated memory {s(allocated)} is allocated by PyTorch, and {s(reserved_unallocated)}"
+            " is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+
 def diagnose(info: OOMInfo) -> list[str]:
     """Advice, most likely cause first."""
     out = []
@@ -115,12 +135,14 @@ class simulated_budget(MemoryTracker):
 
 def live_bytes_per_step(step: Callable[[], object], steps: int, device: str | torch.device = "cpu") -> list[int]:
     """Live tensor bytes on ``device`` after each of ``steps`` calls: a leak shows as a rising line."""
+    from .profiler.measure import progress
     out = []
-    with MemoryTracker(device) as tracker:
+    with MemoryTracker(device) as tracker, progress(steps, "steps") as bar:
         for _ in range(steps):
             step()
             gc.collect()
             out.append(tracker.current_bytes)
+            bar.update()
     return out
 
 
@@ -130,14 +152,20 @@ def max_batch_size(peak_for_batch: Callable[[int], int], budget_bytes: int, uppe
     Returns ``(batch, calls)``. ``peak_for_batch`` must be non-decreasing in the batch size (it is, for a
     training step). 0 means not even batch 1 fits.
     """
+    from .profiler.measure import progress
     calls = 0
+    bar = progress(None, "batch sizes tried")
 
     def fits(b):
         nonlocal calls
         calls += 1
-        return peak_for_batch(b) <= budget_bytes
+        bar.set_postfix_str(f"batch {b}", refresh=False)
+        ok = peak_for_batch(b) <= budget_bytes
+        bar.update()
+        return ok
 
     if not fits(1):
+        bar.close()
         return 0, calls
     lo, hi = 1, 2
     while hi <= upper and fits(hi):
@@ -146,6 +174,7 @@ def max_batch_size(peak_for_batch: Callable[[int], int], budget_bytes: int, uppe
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    bar.close()
     return lo, calls
 
 

@@ -28,7 +28,10 @@ on top (QLoRA, lab 09), not the 4-bit weights themselves.
 All of this runs on CPU with bitsandbytes >= 0.48 (4-bit, 8-bit and the 8-bit
 optimizers have CPU kernels); paging (``PagedAdamW8bit``) only means something
 on CUDA, where its state lives in unified memory that ``torch.cuda``'s
-allocator does not count.
+allocator does not count -- and only for tensors of at least
+:data:`PAGED_MIN_NUMEL` values: bitsandbytes gives smaller ones ordinary device
+buffers (:func:`paged_split`). A rank-16 LoRA matrix of the 7B has 65,536 values,
+so a LoRA run's paged optimizer pages nothing.
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ BLOCK_4BIT = 64          # weights per absmax in bitsandbytes' 4-bit format
 DQ_BLOCK = 256           # absmax values per fp32 scale under double quantization
 OPT8_BLOCK = 256         # values per absmax in the 8-bit optimizer states
 OPT8_MIN_SIZE = 4096     # smaller tensors keep 32-bit optimizer state
+# bitsandbytes Optimizer8bit.get_state_buffer: `if not self.is_paged or p.numel() < 1e5` -> an ordinary buffer
+PAGED_MIN_NUMEL = 100_000
 
 
 # ---------------------------------------------------------------------- arithmetic
@@ -146,6 +151,50 @@ def adamw8bit_state_bytes(numels: Iterable[int], block_size: int = OPT8_BLOCK,
         else:
             total += 2 * 4 * n
     return total + (2 * 256 * 4 if any8 else 0)
+
+
+def paged_split(numels: Iterable[int], min_numel: int = PAGED_MIN_NUMEL) -> dict[str, int]:
+    """Which parameter tensors a bitsandbytes *paged* optimizer would really page (arithmetic).
+
+    Paged optimizers allocate a tensor's state in CUDA unified memory only when the
+    tensor has at least ``min_numel`` values; the rest get ordinary device memory,
+    counted by ``torch.cuda.max_memory_allocated`` like any other state.
+    """
+    numels = list(numels)
+    paged = [n for n in numels if n >= min_numel]
+    return {"paged_tensors": len(paged), "paged_values": sum(paged),
+            "unpaged_tensors": len(numels) - len(paged), "unpaged_values": sum(numels) - sum(paged)}
+
+
+def cpu_4bit_kernel_is_bf16() -> bool:
+    """Whether bitsandbytes runs 4-bit *inference* on this CPU with its packed bf16 kernel.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode on an input that needs no
+    gradient repacks the weight once and multiplies in bf16, whatever ``compute_dtype`` says
+    (bitsandbytes >= 0.49). Training (or an input that requires grad) keeps the dequantize-then-
+    matmul path in the compute dtype.
+    """
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+        return bool(has_avx512bf16())
+    except ImportError:
+        return False
+
+
+def double_quant_absmax_error(weight: torch.Tensor, quant_type: str = "nf4") -> dict[str, float]:
+    """Relative error of the absmax scales that double quantization stores in 8 bits (measured with bnb).
+
+    Quantizes ``weight`` to 4 bits twice, with and without ``compress_statistics``,
+    dequantizes the 8-bit absmax values and compares them with the fp32 ones.
+    """
+    import bitsandbytes.functional as F
+    w = weight.detach().float().cpu().reshape(-1)
+    w = w[: w.numel() - w.numel() % BLOCK_4BIT]  # whole blocks only (the CPU kernel quantizes a flat tensor)
+    _, plain_state = F.quantize_4bit(w, blocksize=BLOCK_4BIT, quant_type=quant_type, compress_statistics=False)
+    _, dq_state = F.quantize_4bit(w, blocksize=BLOCK_4BIT, quant_type=quant_type, compress_statistics=True)
+    restored = F.dequantize_blockwise(dq_state.absmax, dq_state.state2) + dq_state.offset
+    rel = (restored - plain_state.absmax).abs() / plain_state.absmax.abs().clamp_min(1e-12)
+    return {"max_rel": float(rel.max()), "mean_rel": float(rel.mean()), "n_absmax": int(rel.numel())}
 
 
 def adamw_state_bytes(numels: Iterable[int]) -> int:

@@ -26,9 +26,12 @@ def test_autograder_zip_grades_a_submission(tmp_path):
         names = set(z.namelist())
         modes = {i.filename: i.external_attr >> 16 for i in z.infolist()}
         z.extractall(root / "source")
-    assert {"setup.sh", "run_autograder", "solutions/90_fixture.ipynb", "extra/memopt_fixture_lab90.py",
+    assert {"setup.sh", "run_autograder", "constraints.txt", "solutions/90_fixture.ipynb", "extra/memopt_fixture_lab90.py",
             "reference/memopt_fixture_lab90_ref.py", "memopt/pyproject.toml",
             "memopt/memopt_lib/grading/runner.py"} <= names
+    pins = (root / "source" / "constraints.txt").read_text()
+    from importlib.metadata import version
+    assert f"torch=={version('torch').split('+')[0]}\n" in pins and f"transformers=={version('transformers')}" in pins
     assert not any(n.startswith("memopt/solutions") or n.startswith("memopt/tests") for n in names)
     assert modes["run_autograder"] & stat.S_IXUSR and modes["setup.sh"] & stat.S_IXUSR
     for name in ("run_autograder", "setup.sh"):
@@ -52,3 +55,66 @@ def test_autograder_zip_grades_a_submission(tmp_path):
     res = json.loads((root / "results" / "results.json").read_text())
     assert res["score"] == 5.0, res
     assert [t["status"] for t in res["tests"]] == ["passed", "passed"]
+
+
+# ---------------------------------------------------------------- setup.sh's choice of Python
+def _fake_bin(tmp_path, pythons: dict[str, str], apt_install_fails_first=False):
+    """A PATH holding only fake interpreters (each prints "MAJOR MINOR") and a recording apt-get."""
+    import textwrap
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    log = tmp_path / "apt.log"
+
+    def script(name, body):
+        (bin_ / name).write_text("#!/bin/sh\n" + textwrap.dedent(body))
+        (bin_ / name).chmod(0o755)
+
+    for name, ver in pythons.items():
+        script(name, f'echo "{ver}"\n')
+    fail = "1" if apt_install_fails_first else "0"
+    script("apt-get", f"""\
+        echo "apt-get $*" >> "{log}"
+        case "$*" in *"install"*"python3.11"*)
+          if [ "{fail}" = 1 ] && [ ! -e "{tmp_path}/ppa" ]; then exit 100; fi
+          printf '#!/bin/sh\\necho "3 11"\\n' > "{bin_}/python3.11"; /bin/chmod 755 "{bin_}/python3.11";;
+        esac
+        """)
+    script("add-apt-repository", f'echo "add-apt-repository $*" >> "{log}"; : > "{tmp_path}/ppa"\n')
+    return bin_, log
+
+
+def _pick(tmp_path, bin_):
+    from memopt_lib.grading.gradescope import SETUP_SH
+    setup = tmp_path / "setup.sh"
+    setup.write_text(SETUP_SH.format(solution="90_fixture.ipynb", checks_module="x"))
+    return subprocess.run(["/bin/bash", str(setup), "--pick-python"], env={"PATH": str(bin_)}, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_setup_installs_python311_on_an_image_whose_python3_is_310(tmp_path):
+    bin_, log = _fake_bin(tmp_path, {"python3": "3 10", "python3.10": "3 10"})
+    res = _pick(tmp_path, bin_)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(bin_ / "python3.11")
+    assert "install -y -qq python3.11 python3.11-venv" in log.read_text()
+    assert "no Python >= 3.11" in res.stderr
+
+
+def test_setup_uses_the_image_python_when_it_is_new_enough(tmp_path):
+    bin_, log = _fake_bin(tmp_path, {"python3": "3 12"})
+    res = _pick(tmp_path, bin_)
+    assert res.returncode == 0 and res.stdout.strip() == str(bin_ / "python3")
+    assert not log.exists(), "nothing is installed when the image's python3 will do"
+
+
+def test_setup_falls_back_to_deadsnakes_and_fails_clearly_without_any_python(tmp_path):
+    bin_, log = _fake_bin(tmp_path, {"python3": "3 10"}, apt_install_fails_first=True)
+    res = _pick(tmp_path, bin_)
+    assert res.returncode == 0 and res.stdout.strip() == str(bin_ / "python3.11")
+    assert "add-apt-repository -y ppa:deadsnakes/ppa" in log.read_text()
+
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    (empty / "bin").mkdir()
+    res = _pick(empty, empty / "bin")  # no python, and apt-get is missing too
+    assert res.returncode != 0

@@ -73,3 +73,9 @@ def test_lab01_end_to_end(tmp_path, monkeypatch):
     assert rows["wrong"]["training_state_matches_profiler_status"] == "passed"
     assert (rows["untouched"]["status"], rows["untouched"]["score"]) == ("graded", "0")
     assert (rows["tamper"]["status"], rows["tamper"]["score"]) == ("tampering", "0"), rows["tamper"]
+    assert rows["honest"]["lab"] == "lab01" and float(rows["honest"]["peak_allocated_MiB"]) > 0
+    # every graded row has the grader's resident-memory reading; a check's peak where that check measured one
+    assert all(float(rows[s]["max_rss_MiB"]) > 0 for s in ("honest", "wrong", "untouched"))
+    page = (out / "feedback" / "honest.html").read_text()
+    assert "Measured memory" in page and "weights" in page and "Your explanations" in page
+    assert "gap-answer-md" in (out / "explanations.html").read_text()

@@ -191,7 +191,9 @@ def test_attack(batch, sid):
     spec = attacks.ALL[sid]
     status, checks = spec[1], (spec[2] if len(spec) > 2 else {})
     row = batch["rows"][sid]
-    assert row["score"] == "0", f"{sid} scored {row['score']}: {row}"
+    # an ungradable row has no score (empty, graded=false); every other row scores 0
+    assert row["score"] == ("" if status == "ungradable" else "0"), f"{sid} scored {row['score']}: {row}"
+    assert row["graded"] == ("false" if status == "ungradable" else "true"), row
     assert row["status"] == status, row
     if status == "tampering":
         assert row["sum_of_squares_values_status"] == row["row_norms_lean_status"] == "failed"

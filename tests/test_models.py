@@ -65,3 +65,32 @@ def test_offline_tokenizer_and_batches(offline):
     assert tok.decode(ids).startswith(corpus_text("heldout")[:50])
     b = padded_batch([5, 3], vocab_size=100)
     assert b["labels"][1, 3:].eq(-100).all() and b["attention_mask"].sum() == 8
+
+
+def test_checkpoint_folder_follows_the_config(tmp_path, monkeypatch):
+    """A changed config must build a new checkpoint, never load a stale one saved under the same name."""
+    from memopt_lib import models
+    monkeypatch.setenv("MEMOPT_CACHE", str(tmp_path))
+    first = models.local_checkpoint("gpt2-tiny")
+    assert first.parent == tmp_path / "checkpoints" and (first / "config.json").exists()
+    old = models.SPECS["gpt2-tiny"]
+    monkeypatch.setitem(models.SPECS, "gpt2-tiny", models.ModelSpec(
+        old.name, old.family, old.hub_id, lambda: models._gpt2(n_layer=1, n_embd=64, n_head=2, n_positions=64,
+                                                              vocab_size=models.LOCAL_VOCAB), old.about))
+    second = models.local_checkpoint("gpt2-tiny")
+    assert second != first
+    assert models.load_model("gpt2-tiny").config.n_layer == 1
+
+
+def test_llama_tiny_runs_4bit_inference_on_any_cpu():
+    """bitsandbytes' packed AVX512-BF16 CPU path (eval mode, no grad) needs output widths divisible by 32."""
+    import torch
+
+    from memopt_lib import quantization as Q
+    cfg = models.model_config("llama-tiny")
+    assert cfg.hidden_size % 32 == 0 and cfg.intermediate_size % 32 == 0
+    model = Q.load_quantized("llama-tiny", 4, "nf4", True, compute_dtype=torch.float32, dtype=torch.float32,
+                             device=torch.device("cpu"))
+    ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    logits, _ = Q.eval_logits(model, ids)
+    assert logits.shape == (1, 16, cfg.vocab_size) and torch.isfinite(logits).all()

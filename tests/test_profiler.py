@@ -112,3 +112,24 @@ def test_tracker_agrees_with_cuda_allocator_within_3_percent():
     rel = abs(r.tracker_peak_bytes - r.peak_allocated_bytes) / r.peak_allocated_bytes
     print(f"allocator {r.peak_allocated_bytes:,} tracker {r.tracker_peak_bytes:,} rel {rel:.4f}")
     assert rel < 0.03
+
+
+def test_long_calls_show_a_progress_bar_only_where_someone_watches(monkeypatch, capsys):
+    import importlib
+    import sys
+    import types
+
+    measure_mod = importlib.import_module("memopt_lib.profiler.measure")  # the module, not the function
+    monkeypatch.delenv("MEMOPT_PROGRESS", raising=False)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    assert measure_mod.progress(3, "x").disable  # pytest's stderr is no terminal, no kernel: no bar
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # as inside Jupyter
+    assert not measure_mod.progress(3, "x").disable
+    monkeypatch.setenv("MEMOPT_PROGRESS", "0")
+    assert measure_mod.progress(3, "x").disable
+    monkeypatch.delenv("MEMOPT_PROGRESS")
+    monkeypatch.setattr(measure_mod, "PROGRESS_DELAY_S", 0.0)
+    x = torch.ones(1000)
+    measure_mod.measure(lambda: (x * 2).sum(), device="cpu", warmup=1, timed_calls=2, label="demo")
+    err = capsys.readouterr().err
+    assert "measuring demo" in err and "/4 " in err  # the bar counts warmup + measured + timed calls

@@ -70,7 +70,13 @@ def test_quantized_forward_tracks_the_unquantized_model():
         lin = m.model.layers[0].self_attn.q_proj
         x = torch.randn(3, lin.in_features)
         w = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
-        torch.testing.assert_close(lin(x), x @ w.t(), rtol=1e-4, atol=1e-5)
+        lin.train()  # training path: dequantize to the compute dtype (fp32), then an ordinary matmul
+        exact = lin(x)
+        torch.testing.assert_close(exact, x @ w.t(), rtol=1e-4, atol=1e-5)
+        lin.eval()  # inference without grad: AVX512-BF16 CPUs switch to bnb's packed bf16 kernel
+        with torch.no_grad():
+            fast = lin(x)
+        assert float((fast - exact).norm() / exact.norm()) < (2e-2 if Q.cpu_4bit_kernel_is_bf16() else 1e-5)
         errs[qt] = Q.logits_error(Q.eval_logits(ref, ids)[0], Q.eval_logits(m, ids)[0])
     assert errs["nf4"]["rel_l2"] < 0.5
     assert errs["nf4"]["rel_l2"] < errs["fp4"]["rel_l2"]  # NF4's levels fit normal weights better
@@ -109,3 +115,32 @@ def test_predicted_bytes_match_cuda_allocator():
         model, loaded = Q.measure_loaded_bytes(lambda: Q.load_quantized("llama-tiny", bits, "nf4", dq, device=dev), dev)
         assert abs(loaded / Q.predict_weight_bytes("llama-tiny", bits, dq)["total"] - 1) < 0.02
         del model
+
+
+def test_paged_threshold_is_bitsandbytes_own():
+    """PAGED_MIN_NUMEL is the size test in bitsandbytes' get_state_buffer (read from its source)."""
+    import inspect
+    import re
+
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+    src = inspect.getsource(Optimizer8bit.get_state_buffer)
+    m = re.search(r"not self\.is_paged or p\.numel\(\) < ([0-9e.]+)", src)
+    assert m, "bitsandbytes changed how it decides what to page; update quantization.PAGED_MIN_NUMEL"
+    assert int(float(m.group(1))) == Q.PAGED_MIN_NUMEL
+
+
+def test_paged_split_pages_nothing_of_a_rank16_lora_of_the_7b():
+    cfg = Q.model_config("llama-7b")
+    r, d = 16, cfg.hidden_size
+    lora = [r * d, d * r] * 4 * cfg.num_hidden_layers      # A and B of q, k, v, o per layer
+    split = Q.paged_split(lora)
+    assert split["paged_tensors"] == 0 and split["unpaged_values"] == sum(lora)
+    full = Q.paged_split([d * d, d, 100_000, 99_999])
+    assert full == {"paged_tensors": 2, "paged_values": d * d + 100_000, "unpaged_tensors": 2,
+                    "unpaged_values": d + 99_999}
+
+
+def test_double_quant_absmax_error_is_small_but_not_zero():
+    err = Q.double_quant_absmax_error(torch.randn(256, 512, generator=torch.Generator().manual_seed(0)))
+    assert err["n_absmax"] == 256 * 512 // 64
+    assert 0 < err["mean_rel"] < err["max_rel"] < 0.02

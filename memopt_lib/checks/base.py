@@ -325,8 +325,12 @@ def decide(check: Check, got: Evidence, ref: Evidence, ctx: CheckContext) -> Che
     if got.memory is not None:
         shown.setdefault("peak_bytes", got.memory.peak_bytes)
         shown.setdefault("memory_source", got.memory.source)
+        if got.memory.breakdown_bytes:  # explanation for the feedback page (weights, gradients, ...)
+            shown.setdefault("breakdown_bytes", dict(got.memory.breakdown_bytes))
     if ref.memory is not None:
         shown.setdefault("reference_peak_bytes", ref.memory.peak_bytes)
+        if ref.memory.breakdown_bytes:
+            shown.setdefault("reference_breakdown_bytes", dict(ref.memory.breakdown_bytes))
     return CheckResult(check.name, status, score, check.points, msg, shown,
                        got.duration_s + (time.perf_counter() - t0))
 

@@ -3,9 +3,12 @@
     memopt-grade --lab 01 --submissions DIR --out OUT [--workers N] [--timeout SECONDS]
     memopt-grade gradescope --lab 01 --out autograder.zip
 
-``DIR/<student_id>/`` holds that student's ``01_*.ipynb``. Writes ``OUT/grades.csv``,
-``OUT/results/<student_id>.json`` (Gradescope's schema) and ``OUT/feedback/<student_id>.html``.
-Exit status 0 whenever the batch ran, whatever the grades.
+``DIR/<student_id>/`` holds that student's ``01_*.ipynb``. Writes ``OUT/grades.csv`` (one row per
+submission: ``graded`` flag, score -- empty when ungradable --, per-check scores and statuses, peak
+memory in MiB and bytes), ``OUT/results/<student_id>.json`` (Gradescope's schema),
+``OUT/feedback/<student_id>.html`` (checks, measured memory against the reference, the learner's
+explanations) and, for labs with written explanations, ``OUT/explanations.html`` and
+``OUT/explanations.csv`` for the instructor. Exit status 0 whenever the batch ran, whatever the grades.
 """
 from __future__ import annotations
 
@@ -14,8 +17,27 @@ import sys
 import time
 from pathlib import Path
 
+SUBCOMMANDS = {"gradescope": "build a Gradescope autograder zip (setup.sh + run_autograder); "
+                             "`memopt-grade gradescope --help`"}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Show each option's default (options whose default is "not given" say theirs in words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and not action.required and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _version() -> str:
+    from .. import __version__
+    return f"memopt-grade (memopt {__version__})"
+
 
 def _lab_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--version", action="version", version=_version())
     ap.add_argument("--lab", required=True, help="lab number, e.g. 01")
     ap.add_argument("--solutions", type=Path, default=None,
                     help="folder with the instructor's NN_*.ipynb (default: the repository's solutions/)")
@@ -23,21 +45,37 @@ def _lab_args(ap: argparse.ArgumentParser) -> None:
                     help="dotted module defining CHECKS (default: memopt_lib.checks.labNN_<topic>)")
 
 
-def grade_main(argv: list[str]) -> int:
-    from .grade import Lab, grade_batch, student_dirs
-    from .report import write_csv, write_one
-    from .sandbox import Limits, isolation
+def _need_nbformat() -> None:
+    try:
+        import nbformat  # noqa: F401
+    except ImportError:
+        raise SystemExit("memopt-grade reads notebooks with nbformat: pip install \"memopt[grade]\"") from None
 
-    ap = argparse.ArgumentParser(prog="memopt-grade", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def grade_parser() -> argparse.ArgumentParser:
+    epilog = "subcommands:\n" + "\n".join(f"  {k:<12}{v}" for k, v in SUBCOMMANDS.items())
+    usage = ("%(prog)s --lab NN --submissions DIR --out OUT [options]\n"
+             "       %(prog)s gradescope --lab NN --out ZIP [options]")
+    ap = argparse.ArgumentParser(prog="memopt-grade", usage=usage, description=__doc__, epilog=epilog,
+                                 formatter_class=_Formatter)
     _lab_args(ap)
     ap.add_argument("--submissions", type=Path, required=True, help="folder of <student_id>/ folders")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--workers", type=int, default=1, help="submissions graded in parallel")
     ap.add_argument("--timeout", type=float, default=600.0, help="wall-clock seconds per submission")
-    ap.add_argument("--memory-mb", type=int, default=6144, help="heap limit per submission (RLIMIT_DATA)")
+    ap.add_argument("--memory-mb", type=int, default=6144, help="heap limit per submission in MiB (RLIMIT_DATA)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def grade_main(argv: list[str]) -> int:
+    ap = grade_parser()
     args = ap.parse_args(argv)
+    _need_nbformat()
+    from . import explanations as ex
+    from .grade import Lab, grade_batch, student_dirs
+    from .report import write_csv, write_one
+    from .sandbox import Limits, isolation
 
     lab = Lab.load(args.lab, args.solutions, args.checks_module)
     if not args.submissions.is_dir():
@@ -49,26 +87,41 @@ def grade_main(argv: list[str]) -> int:
         print(f"WARNING: skipped {name!r}: not a folder named like a student id", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     limits = Limits(timeout_s=args.timeout, memory_mb=args.memory_mb)
+    questions = ex.questions(lab.solution)
+    answers: dict[str, dict[str, str]] = {}
+
+    def on_grade(g):
+        # read as bounded JSON by the grader itself, after the submission's sandbox is gone
+        answers[g.student_id] = ex.collect(questions, args.submissions / g.student_id, lab.lab, lab.solution.name)
+        write_one(g, args.out, ex.answers_html(questions, answers[g.student_id]))
+
     t0 = time.perf_counter()
     grades = grade_batch(lab, args.submissions, args.out, workers=max(1, args.workers), limits=limits,
-                         progress=not args.quiet, on_grade=lambda g: write_one(g, args.out))
+                         progress=not args.quiet, on_grade=on_grade)
     elapsed = time.perf_counter() - t0
     write_csv(grades, args.out / "grades.csv", [c.name for c in lab.registry.checks])
+    ex.write_report(lab.lab, questions, answers, args.out)
     per = elapsed / len(grades) if grades else 0.0
     print(f"graded {len(grades)} submission(s) of lab {lab.lab} in {elapsed:.1f} s "
           f"({per:.2f} s per submission, {args.workers} worker(s)); wrote {args.out / 'grades.csv'}")
     return 0
 
 
-def gradescope_main(argv: list[str]) -> int:
-    from .gradescope import build_autograder
-    ap = argparse.ArgumentParser(prog="memopt-grade gradescope",
-                                 description="Build a Gradescope autograder zip (setup.sh + run_autograder).")
+def gradescope_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="memopt-grade gradescope", formatter_class=_Formatter,
+                                 description="Build a Gradescope autograder zip (setup.sh + run_autograder). "
+                                             "setup.sh installs Python 3.11 where the image's python3 is older.")
     _lab_args(ap)
     ap.add_argument("--out", type=Path, required=True, help="the zip to write, e.g. autograder.zip")
-    ap.add_argument("--timeout", type=float, default=600.0)
-    ap.add_argument("--memory-mb", type=int, default=6144)
-    args = ap.parse_args(argv)
+    ap.add_argument("--timeout", type=float, default=600.0, help="wall-clock seconds per submission")
+    ap.add_argument("--memory-mb", type=int, default=6144, help="heap limit per submission in MiB (RLIMIT_DATA)")
+    return ap
+
+
+def gradescope_main(argv: list[str]) -> int:
+    args = gradescope_parser().parse_args(argv)
+    _need_nbformat()
+    from .gradescope import build_autograder
     path = build_autograder(args.lab, args.out, solutions=args.solutions, checks_module=args.checks_module,
                             timeout_s=args.timeout, memory_mb=args.memory_mb)
     print(f"wrote {path}: upload it as the assignment's autograder (Ubuntu image)")

@@ -10,6 +10,9 @@ The zip holds:
   the sandbox by ``setup.sh`` and hidden again by the mount namespace at grading time);
 * ``extra/`` and ``reference/`` -- a check module / reference verifier that live outside
   ``memopt_lib`` (only when ``--checks-module`` points elsewhere);
+* ``constraints.txt`` -- the versions of torch, transformers, ... installed where the zip was built
+  (the stack the instructor tested); ``setup.sh`` installs exactly those, on Python >= 3.11 (it
+  installs python3.11 where the image's ``python3`` is older, as on Gradescope's Ubuntu 22.04);
 * ``setup.sh`` and ``run_autograder``. ``AUTOGRADER_ROOT`` and ``MEMOPT_PYTHON`` override
   ``/autograder`` and the interpreter, which is how the test suite runs the package locally.
 """
@@ -24,13 +27,55 @@ from .grade import REPO_ROOT, Lab
 
 SETUP_SH = """#!/usr/bin/env bash
 # Runs once when Gradescope builds the autograder image (Ubuntu, as root).
+# The kit is tested on Python >= 3.11; Gradescope's Ubuntu 22.04 image has python3 3.10, so a
+# python3.11 is installed from the distribution (then from the deadsnakes archive) where needed.
+# `bash setup.sh --pick-python` only chooses (and if need be installs) the interpreter and prints it.
 set -euo pipefail
-apt-get update -qq && apt-get install -y -qq python3 python3-venv python3-pip util-linux >/dev/null
-python3 -m venv /autograder/venv
+MIN_MINOR=11  # Python 3.MIN_MINOR or newer
+
+version_ok() {{  # "$1" is a python >= 3.$MIN_MINOR
+  local v
+  v="$("$1" -c 'import sys; print("%d %d" % sys.version_info[:2])' 2>/dev/null)" || return 1
+  set -- $v
+  [ "$1" -eq 3 ] && [ "$2" -ge "$MIN_MINOR" ]
+}}
+
+find_python() {{
+  local py
+  for py in python3.13 python3.12 python3.11 python3; do
+    if command -v "$py" >/dev/null 2>&1 && version_ok "$(command -v "$py")"; then
+      command -v "$py"; return 0
+    fi
+  done
+  return 1
+}}
+
+pick_python() {{
+  find_python && return 0
+  echo "[setup] no Python >= 3.$MIN_MINOR on this image: installing python3.11" >&2
+  apt-get update -qq >&2
+  if ! apt-get install -y -qq python3.11 python3.11-venv >&2; then
+    apt-get install -y -qq software-properties-common >&2
+    add-apt-repository -y ppa:deadsnakes/ppa >&2
+    apt-get update -qq >&2
+    apt-get install -y -qq python3.11 python3.11-venv >&2
+  fi
+  find_python || {{ echo "[setup] could not install Python >= 3.$MIN_MINOR" >&2; return 1; }}
+}}
+
+if [ "${{1:-}}" = "--pick-python" ]; then pick_python; exit; fi
+
+apt-get update -qq && apt-get install -y -qq util-linux >/dev/null
+PY="$(pick_python)"
+"$PY" -m venv /autograder/venv || {{
+  apt-get install -y -qq "python3.$("$PY" -c 'import sys; print(sys.version_info[1])')-venv" >/dev/null
+  "$PY" -m venv /autograder/venv; }}
 /autograder/venv/bin/pip install --quiet --upgrade pip
+# The stack this package was built and tested with (constraints.txt: the instructor's versions).
 # CPU wheel of torch: Gradescope machines have no GPU.
-/autograder/venv/bin/pip install --quiet "torch>=2.11" --index-url https://download.pytorch.org/whl/cpu
-/autograder/venv/bin/pip install --quiet /autograder/source/memopt
+/autograder/venv/bin/pip install --quiet -c /autograder/source/constraints.txt torch \\
+    --index-url https://download.pytorch.org/whl/cpu
+/autograder/venv/bin/pip install --quiet -c /autograder/source/constraints.txt "/autograder/source/memopt[grade]"
 # the instructor's notebook and reference code: root only (the sandbox runs as another uid)
 chmod -R go-rwx /autograder/source/solutions /autograder/source/reference
 chmod 755 /autograder/source /autograder/source/extra
@@ -48,6 +93,24 @@ print(format_results(results))
 assert all(r.status == "passed" for r in results), "the solution does not pass its own checks on this image"
 PY
 """
+
+# What setup.sh pins: the runtime dependencies (and the grader's) at the versions installed where the
+# package is built, i.e. where the instructor ran the lab and its checks.
+PINNED = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "safetensors", "tqdm",
+          "matplotlib", "ipywidgets", "nbformat")
+
+
+def constraints() -> str:
+    """``name==version`` lines of :data:`PINNED` as installed here (local tags such as ``+cpu`` dropped)."""
+    from importlib import metadata
+    lines = ["# the versions memopt-grade gradescope found where it built this package"]
+    for name in PINNED:
+        try:
+            lines.append(f"{name}=={metadata.version(name).split('+', 1)[0]}")
+        except metadata.PackageNotFoundError:
+            pass
+    return "\n".join(lines) + "\n"
+
 
 RUN_AUTOGRADER = """#!/usr/bin/env bash
 # Grades /autograder/submission/*.ipynb with memopt-grade; writes /autograder/results/results.json.
@@ -97,6 +160,7 @@ def build_autograder(lab: str, out: Path, *, solutions: Path | None = None, chec
             z.writestr(info, text)
 
         add_text("setup.sh", SETUP_SH.format(solution=spec.solution.name, checks_module=spec.checks_module), 0o755)
+        add_text("constraints.txt", constraints())
         add_text("run_autograder", RUN_AUTOGRADER.format(lab=spec.lab, checks_arg=checks_arg, timeout=timeout_s,
                                                           memory_mb=memory_mb), 0o755)
         z.write(REPO_ROOT / "pyproject.toml", "memopt/pyproject.toml")

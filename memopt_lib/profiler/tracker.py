@@ -82,6 +82,11 @@ class TrackerResult:
 
 
 def _storage_key(t: torch.Tensor):
+    # a DTensor (FSDP2's sharded parameters, their gradients and AdamW state) owns no storage of its
+    # own: what this rank holds is its local shard, so that is what counts
+    local = getattr(t, "_local_tensor", None)
+    if isinstance(local, torch.Tensor):
+        t = local
     st = t.untyped_storage()
     return st._cdata, st
 
