@@ -73,11 +73,16 @@ def parse_oom_message(message: str) -> OOMInfo:
 
 
 def _allocator_size(n: int) -> str:
-    """A size the way PyTorch's allocator prints it in an OOM message."""
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
+    """A size the way PyTorch's allocator prints it in an OOM message (c10's ``format_size``).
+
+    Up to 1024 bytes in bytes, up to 1 MiB in KiB, up to 1 GiB in MiB, then GiB (so 1 MiB prints "1024.00 KiB").
+    """
+    if n <= 1024:
+        return f"{n} bytes"
+    for unit, size in (("KiB", 1024), ("MiB", 1024**2)):
+        if n <= size * 1024:
             return f"{n / size:.2f} {unit}"
-    return f"{n} bytes"
+    return f"{n / 1024**3:.2f} GiB"
 
 
 def format_oom_message(tried: int, total: int, free: int, allocated: int, reserved_unallocated: int,

@@ -42,23 +42,12 @@ PEAK_RATIO = 1.15
 G, M, K = 1024**3, 1024**2, 1024
 
 
-def _fmt(n: int) -> str:
-    """Sizes the way PyTorch's allocator prints them (c10's ``format_size``: up to 1024 bytes in bytes)."""
-    if n <= K:
-        return f"{n} bytes"
-    for unit, size in (("KiB", K), ("MiB", M)):
-        if n <= size * 1024:
-            return f"{n / size:.2f} {unit}"
-    return f"{n / G:.2f} GiB"
+_fmt = oom._allocator_size  # sizes the way PyTorch's allocator prints them
 
 
 def oom_message(tried, total, free, allocated, reserved_unallocated, other=0):
-    in_use = allocated + reserved_unallocated + other
-    return (f"CUDA out of memory. Tried to allocate {_fmt(tried)}. GPU 0 has a total capacity of {_fmt(total)} of "
-            f"which {_fmt(free)} is free. Including non-PyTorch memory, this process has {_fmt(in_use)} memory in "
-            f"use. Of the allocated memory {_fmt(allocated)} is allocated by PyTorch, and {_fmt(reserved_unallocated)}"
-            " is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
-            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+    """A CUDA OOM message in PyTorch's words (:func:`memopt_lib.oom.format_oom_message`)."""
+    return oom.format_oom_message(tried, total, free, allocated, reserved_unallocated, other)
 
 
 def _messages(ctx):
