@@ -67,6 +67,8 @@ def checkpoint_blocks(model: torch.nn.Module, *, every: int = 1, use_reentrant: 
     if every < 1:
         raise ValueError(f"every must be >= 1 (checkpoint every k-th block), got {every}")
     blocks = transformer_blocks(model)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # a KV cache is useless in training; unwrapped blocks would still fill it
     for i, block in enumerate(blocks):
         if i % every == 0 and not hasattr(block, "_memopt_plain_forward"):
             block._memopt_plain_forward = block.forward
@@ -193,6 +195,52 @@ def block_activation_bytes(model: torch.nn.Module, batch: dict, device: torch.de
     if "start" not in marks or "end" not in marks:
         raise RuntimeError("the forward never ran the model's blocks; is this a decoder-only model?")
     return marks["end"] - marks["start"]
+
+
+def block_kept_bytes(model: torch.nn.Module, batch: dict, device: torch.device | str | None = None) -> list[int]:
+    """Bytes each decoder block leaves alive after one forward (live bytes after it minus before it).
+
+    A checkpointed block keeps about its output (one hidden state); a plain one everything its backward needs
+    (and a KV cache if one is built). Shows *which* blocks are checkpointed, not only how many.
+    """
+    from .profiler import MemoryTracker
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    blocks = transformer_blocks(model)
+    before: dict[int, int] = {}
+    kept: dict[int, int] = {}
+    handles = []
+    with MemoryTracker(device, model=model, include_existing=False, timeline=False) as tracker:
+        for t in list(model.parameters()) + list(model.buffers()):
+            tracker._register(t)
+        def pre(i):
+            def hook(*_):  # must return None: a pre-hook's return value would replace the block's inputs
+                before.setdefault(i, tracker.current_bytes)
+            return hook
+
+        def post(i):
+            def hook(*_):  # must return None: a hook's return value would replace the block's output
+                kept.setdefault(i, tracker.current_bytes - before[i])
+            return hook
+
+        for i, b in enumerate(blocks):
+            handles.append(b.register_forward_pre_hook(pre(i)))
+            handles.append(b.register_forward_hook(post(i)))
+        try:
+            with torch.enable_grad():
+                out = model(**batch)
+        finally:
+            for h in handles:
+                h.remove()
+        del out
+    if len(kept) != len(blocks):
+        raise RuntimeError("the forward did not run every block once")
+    return [kept[i] for i in range(len(blocks))]
+
+
+def predict_kept_bytes(n_layers: int, every: int, block_input_bytes: int, block_bytes: int) -> int:
+    """Bytes the blocks keep when blocks 0, every, 2*every, ... are checkpointed: their inputs, the others all."""
+    n_ckpt = len(range(0, n_layers, every))
+    return n_ckpt * block_input_bytes + (n_layers - n_ckpt) * block_bytes
 
 
 @dataclass

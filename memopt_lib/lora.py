@@ -161,3 +161,13 @@ def adapter_optimizer(model: torch.nn.Module, lr: float = 2e-4, **kw) -> torch.o
 def lora_b_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every ``lora_B`` weight, by name (they start at zero)."""
     return {n: p for n, p in model.named_parameters() if "lora_B" in n}
+
+
+def count_lora_params(model: torch.nn.Module, targets, r: int) -> int:
+    """Trainable LoRA parameters by formula: ``r * (d_in + d_out)`` for every Linear/Conv1D named in ``targets``.
+
+    Equals what :func:`apply_lora` creates (peft matches a target against the last component of the name, so
+    ``c_proj`` adapts both GPT-2's ``attn.c_proj`` and ``mlp.c_proj``); works on the ``meta`` device.
+    """
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    return sum(r * (d_in + d_out) for name, (d_in, d_out) in linear_layers(model).items() if _matches(name, targets))

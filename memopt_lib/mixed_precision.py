@@ -215,3 +215,36 @@ def grad_error(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> di
     if not errs:
         raise ValueError("no reference gradients to compare with")
     return {"max_rel_err": max(errs), "mean_rel_err": sum(errs) / len(errs), "min_cosine": min(coss)}
+
+
+# ---------------------------------------------------------------- the lab's graded functions, as the library does them
+def choose_amp_dtype(capability: tuple[int, int] | None) -> tuple[torch.dtype, bool]:
+    """``(dtype, use_scaler)`` for autocast on a GPU of ``capability`` (``None``: a CPU).
+
+    fp16 with a GradScaler below compute capability 8.0 (no native bf16); bf16 without one from 8.0 and on a CPU.
+    """
+    dtype = default_dtype(None if capability is None else tuple(capability))
+    return dtype, dtype == torch.float16
+
+
+STATIC_BYTES_PER_PARAM = {"fp32": 16, "amp": 16, "pure-bf16": 8}  # weights + gradients + AdamW's 2 states
+
+
+def static_bytes(n_params: int, mode: str) -> int:
+    """Bytes of weights, gradients and AdamW's two moments for ``mode``: autocast changes none of them."""
+    if mode not in STATIC_BYTES_PER_PARAM:
+        raise ValueError(f"mode must be one of {tuple(STATIC_BYTES_PER_PARAM)}, got {mode!r}")
+    return STATIC_BYTES_PER_PARAM[mode] * int(n_params)
+
+
+def amp_train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, dtype: torch.dtype) -> float:
+    """One autocast training step (forward and loss under autocast, backward outside); returns the loss."""
+    device_type = next(model.parameters()).device.type
+    optimizer.zero_grad(set_to_none=True)  # frees last step's gradients before the forward
+    with torch.autocast(device_type=device_type, dtype=dtype):
+        loss = model(**batch).loss
+    scaler.scale(loss).backward()  # a disabled scaler returns the loss as is
+    scaler.step(optimizer)         # unscales first; skips the step on inf/NaN gradients
+    scaler.update()
+    return loss.item()

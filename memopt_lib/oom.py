@@ -32,8 +32,9 @@ import torch
 
 from .profiler import MemoryTracker, fmt_bytes
 
-_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
-_SIZE = r"([\d.]+) (B|KiB|MiB|GiB|TiB)"
+# PyTorch prints up to 1024 bytes as "N bytes", then KiB, MiB, GiB (c10's format_size)
+_UNITS = {"bytes": 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
+_SIZE = r"([\d.]+) (bytes|B|KiB|MiB|GiB|TiB)"
 
 
 def _bytes(num: str, unit: str) -> int:
@@ -72,11 +73,16 @@ def parse_oom_message(message: str) -> OOMInfo:
 
 
 def _allocator_size(n: int) -> str:
-    """A size the way PyTorch's allocator prints it in an OOM message."""
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
+    """A size the way PyTorch's allocator prints it in an OOM message (c10's ``format_size``).
+
+    Up to 1024 bytes in bytes, up to 1 MiB in KiB, up to 1 GiB in MiB, then GiB (so 1 MiB prints "1024.00 KiB").
+    """
+    if n <= 1024:
+        return f"{n} bytes"
+    for unit, size in (("KiB", 1024), ("MiB", 1024**2)):
+        if n <= size * 1024:
             return f"{n / size:.2f} {unit}"
-    return f"{n} bytes"
+    return f"{n / 1024**3:.2f} GiB"
 
 
 def format_oom_message(tried: int, total: int, free: int, allocated: int, reserved_unallocated: int,
@@ -175,3 +181,40 @@ def max_batch_size(peak_for_batch: Callable[[int], int], budget_bytes: int, uppe
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     bar.close()
     return lo, calls
+
+
+# ---------------------------------------------------------------- lab 07's graded functions, as the library does them
+def parse_oom(message: str) -> dict[str, int | None]:
+    """``{"tried", "free", "allocated", "reserved_unallocated"}`` bytes of a CUDA OOM message (None if absent)."""
+    info = parse_oom_message(message)
+    return {"tried": info.tried_bytes, "free": info.free_bytes, "allocated": info.allocated_bytes,
+            "reserved_unallocated": info.reserved_unallocated_bytes}
+
+
+WORKING_SET_SHARE = 0.7  # live tensors over this share of the card: the working set is the problem
+
+
+def classify_cause(info: dict) -> str:
+    """The OOM's most likely cause from bytes ``tried, free, allocated, reserved_unallocated, total``.
+
+    ``"fragmentation"`` when the cached-but-unallocated memory alone could hold the request (blocks exist,
+    none fits), else ``"working_set"`` when live tensors take over 70 % of the card, else ``"other_process"``
+    (memory used outside PyTorch's allocator). The order matters: :func:`diagnose` gives the same one first.
+    """
+    if info["reserved_unallocated"] >= info["tried"]:
+        return "fragmentation"
+    if info["allocated"] > WORKING_SET_SHARE * info["total"]:
+        return "working_set"
+    return "other_process"
+
+
+def train_and_log(model: torch.nn.Module, batches, optimizer: torch.optim.Optimizer) -> list[float]:
+    """One training step per batch; the losses as Python floats -- nothing from a step outlives it."""
+    losses = []
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())  # a float: the graph (every saved activation) is freed with `loss`
+    return losses

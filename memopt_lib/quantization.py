@@ -403,3 +403,10 @@ def logits_error(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float
     return {"rel_l2": ((t - ref).norm() / ref.norm()).item(),
             "max_abs": (t - ref).abs().max().item(),
             "top1_agree": (t.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+def perplexity_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """``exp`` of the mean cross-entropy of predicting token t+1 from the logits at position t (in fp32)."""
+    v = logits.shape[-1]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v).float(), input_ids[:, 1:].reshape(-1))
+    return float(torch.exp(nll))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from memopt_lib.checks.lab07_profiling_oom import oom_message
+from memopt_lib.checks.lab07_profiling_oom import oom_message  # noqa: F401 (kept for the message format)
 from memopt_lib.oom import diagnose, live_bytes_per_step, max_batch_size, parse_oom_message, simulated_budget
 
 GiB, MiB = 1024**3, 1024**2
