@@ -121,14 +121,15 @@ def synthetic_snapshot(rng, n_events: int = 60, device_count: int = 1) -> dict:
     """A random, well-formed trace (for checks): allocs and frees with sizes, addresses and frames.
 
     Addresses are reused after a free (as allocators do), frees arrive as ``free_requested`` then
-    ``free_completed`` (sometimes far apart), and each device gets its own trace.
+    ``free_completed`` (sometimes far apart), and each device gets its own trace, each one longer than the
+    one before (so the busiest device is never the first of several).
     """
     names = ["forward", "backward", "attention", "mlp", "lm_head", "cross_entropy", "step", "embedding"]
     traces = []
-    for _ in range(device_count):
+    for dev in range(device_count):
         trace, live, pending, free_addrs = [], [], [], []
         next_addr = 0x7F0000000000
-        for _ in range(n_events):
+        for _ in range(n_events + dev * rng.randint(5, 40)):  # each event appends one entry: later devices busier
             r = rng.random()
             if live and r < 0.35:
                 e = live.pop(rng.randrange(len(live)))

@@ -190,7 +190,46 @@ def no_zero_grad(model, batches, optimizer):
     return losses
 
 
+def _replay(snapshot, free_action="free_completed", keep="first", at_end=False, first_trace=False, raw_frame=False):
+    from memopt_lib.profiler.snapshot import user_frame
+    traces = snapshot["device_traces"]
+    trace = traces[0] if first_trace else max(traces, key=len)
+    live, cur, peak, at = {}, 0, 0, {}
+    for e in trace:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            cur += e["size"]
+            if cur > peak or (keep == "last" and cur == peak):
+                peak, at = cur, dict(live)
+        elif e["action"] == free_action and e["addr"] in live:
+            cur -= live.pop(e["addr"])["size"]
+    if at_end:
+        at = live
+    if not at:
+        return {"peak_bytes": 0, "size": 0, "frame": "", "alive": 0}
+    big = max(at.values(), key=lambda e: e["size"])
+    frame = big["frames"][0]["name"] if raw_frame else user_frame(big["frames"])
+    return {"peak_bytes": peak, "size": big["size"], "frame": frame, "alive": len(at)}
+
+
+def frees_on_request(snapshot):
+    return _replay(snapshot, free_action="free_requested")
+
+
+def blocks_at_the_end(snapshot):
+    return _replay(snapshot, at_end=True)
+
+
+def first_device_only(snapshot):
+    return _replay(snapshot, first_trace=True)
+
+
+def innermost_frame(snapshot):
+    return _replay(snapshot, raw_frame=True)
+
+
 PA, CA, FB, LG = "reads_oom_messages", "names_the_cause", "finds_the_largest_batch", "logging_does_not_leak"
+SN = "reads_the_snapshot"
 WRONG = [
     Wrong("parse: MiB as 10^6", "parse_oom", decimal_units, (PA,), r"powers of 1024"),
     Wrong("parse: GiB only", "parse_oom", gib_only, (PA,), r"KiB, MiB and GiB"),
@@ -212,4 +251,8 @@ WRONG = [
     Wrong("log: made-up losses, no training", "train_and_log", made_up, (LG,), r"optimizer steps"),
     Wrong("log: evaluates, does not train", "train_and_log", no_training, (LG,), r"optimizer steps"),
     Wrong("log: no zero_grad", "train_and_log", no_zero_grad, (LG,), r"zero the gradients"),
+    Wrong("snapshot: free_requested ends a block", "largest_at_peak", frees_on_request, (SN,), r"free_completed"),
+    Wrong("snapshot: blocks alive at the end", "largest_at_peak", blocks_at_the_end, (SN,), r"first\* moment"),
+    Wrong("snapshot: first device's trace", "largest_at_peak", first_device_only, (SN,), r"busiest"),
+    Wrong("snapshot: innermost frame", "largest_at_peak", innermost_frame, (SN,), r"user_frame"),
 ]
