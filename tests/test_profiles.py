@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from memopt_lib import models
 from memopt_lib.profiles import CPU_SCALE, cpu_profile, pick_profile
@@ -42,22 +41,30 @@ def test_pick_profile_on_this_cpu_is_the_scale_model(monkeypatch):
 
 
 @pytest.mark.slow
-def test_cpu_ladder_points_like_the_h200():
+def test_cpu_ladder_points_like_the_h200(tmp_path):
     """The bench's CPU ladder at the profile's shape: each lesson's ratio within 0.05 of the H200's, and the peak
-    x 16 within 3 % of the H200's fp32 peak (activations the largest part, as on the GPU)."""
+    x 16 within 3 % of the H200's fp32 peak (activations the largest part, as on the GPU).
+
+    In a fresh process: the tracker counts every live tensor, so models other tests leave alive (or that a log
+    record's traceback pins: bitsandbytes logs its ImportError *object* on a CPU without `kernels`, and pytest's
+    log capture keeps it) would count in every row.
+    """
+    import os
+    import subprocess
+    import sys
     from memopt_lib import bench
-    # import bitsandbytes here, outside any row: on a CPU without the optional `kernels` package it logs the
-    # ImportError *object*, whose traceback pins the frames of whoever imported it (a row that holds its model);
-    # pytest's log capture keeps that record, and the next row would count the pinned model (+6 % measured)
-    pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    args = bench.parse_args(["--device", "cpu", "--steps", "0", "--quiet"])
     prof = cpu_profile()
+    args = bench.parse_args(["--device", "cpu", "--steps", "0", "--quiet"])
     assert (args.model, args.batch, args.seq) == prof.shape("gpt2")  # the bench takes its CPU shapes from here
-    rows = [bench.BASELINE] + [r for r in bench.LADDER if r.name in LESSON_ROWS]
-    got = {r["name"]: r for r in bench.run_ladder(args, rows)}
+    out = tmp_path / "ladder.json"
+    env = {**os.environ, "MEMOPT_PROFILE": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "memopt_lib.bench", "--device", "cpu", "--steps", "0", "--quiet",
+                           "--rows", ",".join(LESSON_ROWS), "--json", str(out)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = {r["name"]: r for r in json.loads(out.read_text())}
     base = got["fp32 baseline"]
-    assert base["status"] == "ok", base["reason"]
+    assert base["status"] == "ok" and (base["model"], base["batch"], base["seq"]) == prof.shape("gpt2")
     gpu_peak = H200_LADDER["fp32 baseline"]["peak_allocated_bytes"]
     assert abs(base["peak_allocated_bytes"] * prof.gpt2_scale_bytes / gpu_peak - 1) < 0.03
     bd = base["breakdown_bytes"]
