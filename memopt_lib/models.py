@@ -14,9 +14,44 @@ Models
 ``llama-7b``   Llama-2-7B shape (hidden 4096, 32 layers, 11008 MLP, vocab 32000);
                hub: ``NousResearch/Llama-2-7b-hf``, an ungated copy of Llama-2-7b-hf.
                (The seed text's "Llama-3.2-7B" does not exist: Llama 3.2 ships 1B and 3B.)
+``gpt2-narrow`` GPT-2 at a quarter of its width (192, 3 heads of 64) and vocabulary (12,564), 12 layers:
+               the CPU profile's GPT-2. At a quarter of the tokens (8 x 128 instead of 8 x 512) every
+               part of a training step -- weights, gradients, AdamW state, activations, logits -- is about
+               1/16 of GPT-2's at 8 x 512, so the shares of the peak, and every technique's ratio, are
+               GPT-2's on a GPU while the step runs in about a second on 2 cores.
 ``llama-tiny`` 4 layers, 256 wide, same architecture: the CPU stand-in for the 7B. Its MLP width is
                704 (2.75 x 256; the 7B's ratio is 2.69): bitsandbytes' packed CPU kernel for
                4-bit inference (AVX512-BF16 CPUs) needs output widths divisible by 32.
+
+Training configuration that keeps what CUDA keeps
+-------------------------------------------------
+A CPU measurement means what a GPU measurement means only if the CPU runs kernels
+that *keep* the same tensors for backward. :func:`load_model` (``train=True``) sees
+to three things at the source (measured on GPT-2, fp32, per layer, in units of
+``batch x seq x hidden x 4`` bytes; ``tests/test_models.py`` asserts them):
+
+* **No KV cache in training** (``config.use_cache = False``). A transformers 5
+  forward with ``use_cache`` builds a ``DynamicCache`` whose ``torch.cat`` *copies*
+  every layer's keys and values: +2 units per layer, on every device (+0.28 GiB,
+  +3.6 %, for GPT-2 at 8 x 512 fp32 -- the whole excess of the GPU checks over the
+  H200 anchors). ``generation_config.use_cache`` is left on: ``generate`` still caches.
+* **No attention dropout** (``attn_pdrop = 0``; Llama's ``attention_dropout`` is 0
+  already). CUDA's fused attention kernels apply dropout from a saved RNG seed and
+  keep only the output and the log-sum-exp; CPU ``scaled_dot_product_attention``
+  has no fused dropout, falls back to the math kernel and keeps the
+  ``batch x heads x seq x seq`` probabilities and masks (26 extra units per layer at
+  seq 512). Without attention dropout the CPU runs its flash kernel, which keeps
+  what CUDA's keeps; on a GPU this changes no byte. (Pass ``attn_pdrop=0.1``
+  explicitly to get GPT-2's original setting back.)
+* **Dropout with a 1-byte mask** (:class:`MaskDropout`). ``nn.Dropout`` on CUDA
+  runs ``native_dropout`` and saves a ``bool`` mask; on a CPU it multiplies by a
+  noise tensor and saves it in the input's dtype (4 bytes in fp32).
+  :func:`match_cuda_kernels` swaps every ``nn.Dropout`` for :class:`MaskDropout`,
+  which calls ``native_dropout`` on every device (the same op CUDA already uses).
+  Modules added later (peft's ``lora_dropout``) need another call.
+
+With these, GPT-2 keeps 28.5 units per layer on a CPU -- the CUDA arithmetic --
+against 54 with the defaults (see :func:`gpt2_layer_units`).
 """
 from __future__ import annotations
 
@@ -77,6 +112,10 @@ SPECS: dict[str, ModelSpec] = {
                            lambda: _gpt2(n_layer=2, n_embd=128, n_head=4, n_positions=512, vocab_size=LOCAL_VOCAB,
                                          bos_token_id=0, eos_token_id=0),
                            "GPT-2 architecture, 2 layers x 128 (CPU tests)"),
+    "gpt2-narrow": ModelSpec("gpt2-narrow", "gpt2", None,
+                             lambda: _gpt2(n_embd=768 // 4, n_head=12 // 4, vocab_size=50257 // 4,
+                                           bos_token_id=0, eos_token_id=0),
+                             "GPT-2 at 1/4 width and vocabulary, 12 layers (the CPU profile's GPT-2)"),
     "llama-7b": ModelSpec("llama-7b", "llama", "NousResearch/Llama-2-7b-hf", lambda: _llama(**LLAMA_7B),
                           "Llama-2-7B shape"),
     "llama-tiny": ModelSpec("llama-tiny", "llama", None,
@@ -165,15 +204,82 @@ def resolve(name: str, hub_id: str | None = None) -> tuple[str, str]:
     return str(local_checkpoint(name)), "local-random"
 
 
+class MaskDropout(torch.nn.Dropout):
+    """``nn.Dropout`` that saves a 1-byte ``bool`` mask for backward on every device.
+
+    On CUDA ``F.dropout`` already runs ``torch.native_dropout`` (a fused kernel that
+    returns the output and a ``bool`` mask). On a CPU it draws a noise tensor in the
+    input's dtype, multiplies, and autograd keeps that noise: 4 bytes per element in
+    fp32 instead of 1. This module calls ``native_dropout`` everywhere, so the bytes
+    kept for backward are CUDA's; the values follow the same rule (zero with
+    probability ``p``, scale the rest by ``1 / (1 - p)``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.inplace:
+            raise ValueError("MaskDropout does not support inplace=True (native_dropout returns a new tensor)")
+        return torch.native_dropout(x, self.p, True)[0]
+
+
+def match_cuda_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a model keep for backward what it keeps on CUDA, on any device (idempotent).
+
+    * every ``nn.Dropout`` becomes a :class:`MaskDropout` (same ``p``; 1-byte masks);
+    * GPT-2's attention dropout is set to 0, so CPU ``scaled_dot_product_attention``
+      takes its flash kernel (no stored attention matrix) -- CUDA's fused kernels keep
+      no attention matrix with or without dropout, so on a GPU no byte changes.
+
+    :func:`load_model` calls this; call it again after adding modules with their own
+    dropout (``peft.get_peft_model`` adds ``lora_dropout``).
+    """
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Dropout and not child.inplace:
+                swapped = MaskDropout(child.p)
+                swapped.train(child.training)
+                setattr(parent, name, swapped)
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "gpt2":
+        _set_gpt2_attention_dropout(model, 0.0)
+    return model
+
+
+def _set_gpt2_attention_dropout(model: torch.nn.Module, p: float) -> None:
+    model.config.attn_pdrop = p
+    for m in model.modules():
+        if isinstance(getattr(m, "attn_dropout", None), torch.nn.Dropout):
+            m.attn_dropout.p = p  # GPT-2's SDPA call reads attn_dropout.p; 0 -> the flash kernel on CPU too
+
+
+def gpt2_layer_units(*, dropout: bool = True, kv_cache: bool = False) -> float:
+    """What one GPT-2 block keeps for backward on CUDA, in units of ``batch x seq x hidden x 4`` bytes (fp32).
+
+    ln_1 input 1 + ln_1 output 1 + q,k,v 3 + attention output 1 (fused SDPA keeps no
+    ``seq x seq`` matrix) + ln_2 input 1 + ln_2 output 1 + MLP hidden 4 + ``gelu_new``'s
+    saved intermediates 12 (``tanh`` output, ``0.5 x``, ``1 + tanh``: 4 each) + GELU output 4
+    = 28, plus two 1-byte dropout masks (0.25 each) when dropout is on, plus 2 for a KV
+    cache's copies of k and v. LayerNorm statistics and SDPA's log-sum-exp are per token,
+    not per channel (< 0.1 unit).
+    """
+    return 28.0 + (0.5 if dropout else 0.0) + (2.0 if kv_cache else 0.0)
+
+
 def load_model(name: str, *, hub_id: str | None = None, train: bool = True, **from_pretrained_kwargs):
     """Load a course model through ``AutoModelForCausalLM.from_pretrained``.
 
     Online: the hub checkpoint (``hub_id`` overrides the default id). Offline, or
     if the hub load fails: the local random-init checkpoint of the same shape,
     with a notice. ``train=True`` calls ``model.train()``: ``from_pretrained``
-    returns eval mode, in which Hugging Face gradient checkpointing is silently off.
+    returns eval mode, in which Hugging Face gradient checkpointing is silently off;
+    it also turns the KV cache off (``config.use_cache = False``: a training
+    forward would otherwise copy every layer's keys and values into a cache).
+    Every model goes through :func:`match_cuda_kernels` (see the module docstring:
+    what a CPU step keeps is then what a CUDA step keeps).
     Extra keyword arguments go to ``from_pretrained`` (``dtype``,
-    ``quantization_config``, ``device_map``, ``attn_implementation``...).
+    ``quantization_config``, ``device_map``, ``attn_implementation``, config fields
+    such as ``resid_pdrop``...). An explicit ``attn_pdrop`` is kept as given.
     """
     from transformers import AutoModelForCausalLM
     sp = spec(name)
@@ -193,7 +299,12 @@ def load_model(name: str, *, hub_id: str | None = None, train: bool = True, **fr
         model = AutoModelForCausalLM.from_pretrained(where, **from_pretrained_kwargs)
     model.memopt_source = f"{kind}:{where}"
     name_the_loss(model)
+    attn_pdrop = from_pretrained_kwargs.get("attn_pdrop")
+    match_cuda_kernels(model)
+    if attn_pdrop and sp.family == "gpt2":  # asked for: the CPU then keeps the attention matrices (math kernel)
+        _set_gpt2_attention_dropout(model, attn_pdrop)
     if train:
+        model.config.use_cache = False  # a KV cache is for generation; generate() reads generation_config
         model.train()
     return model
 

@@ -77,7 +77,15 @@ def token_stream(tokenizer, split: str = "train") -> torch.Tensor:
 
 
 def lm_batches(tokenizer, batch: int, seq: int, split: str = "train", seed: int = 0, device="cpu"):
-    """Endless random windows of the corpus: ``{"input_ids", "attention_mask", "labels"}``, shape ``(batch, seq)``."""
+    """Endless random windows of the corpus: ``{"input_ids", "labels"}``, shape ``(batch, seq)``.
+
+    No ``attention_mask``: nothing is padded, and an all-ones mask only costs. transformers
+    drops it again before attention (``masking_utils._ignore_causal_mask_sdpa``), after
+    reading it back from the device (a host-device sync per forward on a GPU); where it
+    cannot (tracing, ``torch.compile`` before torch 2.14) the mask is materialised and
+    SDPA loses its flash kernel. Measured on CPU: the same bytes are saved with or
+    without it. Padded batches (:func:`padded_batch`) carry a real mask.
+    """
     ids = token_stream(tokenizer, split)
     if len(ids) <= seq + 1:
         raise ValueError(f"the {split} split has {len(ids)} tokens, too few for seq={seq}")
@@ -85,14 +93,14 @@ def lm_batches(tokenizer, batch: int, seq: int, split: str = "train", seed: int 
     while True:
         starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=g)
         x = torch.stack([ids[s:s + seq] for s in starts]).to(device)
-        yield {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+        yield {"input_ids": x, "labels": x.clone()}
 
 
 def random_batch(vocab_size: int, batch: int, seq: int, device="cpu", seed: int = 0) -> dict:
-    """Random token ids used as their own labels: all a memory measurement needs."""
+    """Random token ids used as their own labels: all a memory measurement needs (no padding, so no mask)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab_size, (batch, seq), generator=g).to(device)
-    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+    return {"input_ids": x, "labels": x.clone()}
 
 
 def padded_batch(lengths: list[int], vocab_size: int, pad_id: int = 0, device="cpu", seed: int = 0) -> dict:

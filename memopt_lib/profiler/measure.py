@@ -11,6 +11,9 @@ The protocol, and why each step is there:
    GPU run gives both the allocator's number and the tracker's categories).
 4. Read the counters after a synchronize.
 
+On a CPU the number is the tracker's; what it can and cannot say about the same
+step on a GPU is listed in :mod:`.tracker` ("CPU and CUDA").
+
 Optionally ``timed_calls`` more calls run *without* the tracker (its Python hook
 on every operator would distort time) and the median wall time is reported.
 """

@@ -31,6 +31,35 @@ The categories of the peak therefore add up to the peak exactly. The phase
 (``forward``, ``backward``, ``optimizer``) is detected without any help from the
 training loop: backward is whatever runs inside the autograd engine, the
 optimizer phase is bracketed by PyTorch's global optimizer step hooks.
+
+CPU and CUDA: what the same step keeps
+--------------------------------------
+The tracker counts what the kernels *keep*, so a CPU number means a CUDA number only
+where the CPU kernels keep the same tensors. Models loaded with
+:func:`memopt_lib.models.load_model` are configured for that (no KV cache in training,
+no attention dropout so CPU SDPA takes its flash kernel, 1-byte dropout masks): GPT-2
+then keeps 28.5 units of ``batch x seq x hidden x 4`` bytes per block on a CPU, the
+CUDA arithmetic; scaled to 12 blocks x batch 8 its saved bytes are the H200 run's
+activations within 2 % (``tests/test_models.py``), and the CPU profile's 1/16 scale model
+of GPT-2 8 x 512 peaks at 1/16 of the H200's 7.81 GiB within 3 % (``tests/test_profiles.py``).
+Known differences that remain:
+
+* CUDA's caching allocator rounds blocks up (512 B, segments for ``reserved``) and
+  cuBLAS/cuDNN take workspaces outside ATen: a GPU peak is ~1 % above the tracker's
+  count of the same step (measured on a GPU, the counter is the allocator's own).
+* Attention dropout turned back on (``attn_pdrop > 0``) sends CPU SDPA to the math
+  kernel, which stores ``batch x heads x seq x seq`` probabilities and masks that
+  CUDA's fused kernels never store (GPT-2 8 x 512: 11.3 GiB on CPU vs 7.8 on an H200).
+* Dropout modules added after loading (peft's ``lora_dropout``) keep a mask in the
+  input's dtype on a CPU (4 bytes in fp32) and a 1-byte mask on CUDA, until
+  :func:`memopt_lib.models.match_cuda_kernels` is called on the model.
+* Optimizers: on CUDA ``torch.optim.AdamW`` defaults to the ``foreach`` (or ``fused``)
+  implementation, whose ``foreach`` temporaries are weight-sized; on a CPU it loops
+  over tensors one at a time. A peak *in the optimizer step* differs between devices.
+* Autocast: CPU autocast casts a different list of ops than CUDA's, and CPUs without
+  AVX512-BF16/AMX emulate bf16; mixed-precision bytes agree less well than fp32 bytes.
+* bitsandbytes' CPU backend dequantizes 4-bit weights with other temporaries than its
+  CUDA kernels.
 """
 from __future__ import annotations
 
