@@ -125,6 +125,9 @@ def apply_lora(model: torch.nn.Module, *, r: int = 16, alpha: int | None = None,
     from peft import get_peft_model
     cfg = lora_config(model, r=r, alpha=alpha, targets=targets, dropout=dropout)
     peft_model = get_peft_model(model, cfg)
+    # peft's lora_dropout is a new nn.Dropout: give it the 1-byte mask CUDA keeps (no-op on a GPU)
+    from .models import match_cuda_kernels
+    match_cuda_kernels(peft_model)
     leaked = non_adapter_trainable(peft_model)
     if leaked:
         raise RuntimeError(f"parameters outside the adapters still require grad: {leaked[:5]}")

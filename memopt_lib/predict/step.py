@@ -131,8 +131,10 @@ def _meta_step(model, opt, autocast, scaler, micro_batches):
 def _build(row, model_name: str, g: GPU, opts: StepOptions, replay: AllocatorReplay):
     from transformers import AutoModelForCausalLM
 
+    from ..checkpointing import enable_checkpointing
     from ..lora import DEFAULT_TARGETS as LORA_TARGETS
-    from ..models import model_config, spec
+    from ..lora import apply_lora
+    from ..models import model_config, name_the_loss, spec
     row = _flags(row.recipe)
     family = spec(model_name).family
     cfg = model_config(model_name)
@@ -142,7 +144,7 @@ def _build(row, model_name: str, g: GPU, opts: StepOptions, replay: AllocatorRep
     adt = getattr(torch, opts.amp_dtype) if opts.amp_dtype else (torch.bfloat16 if g.native_bf16 else torch.float16)
     dtype = torch.bfloat16 if (row.pure_bf16 or row.quant4) else torch.float32
     with replay.untracked(), torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=opts.attn)
+        model = name_the_loss(AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=opts.attn))
     model.config.use_cache = False
     if row.quant4:
         from .bnb4bit import quantize_to_4bit
@@ -156,12 +158,9 @@ def _build(row, model_name: str, g: GPU, opts: StepOptions, replay: AllocatorRep
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         replay.alloc.empty_cache()  # prepare_model_for_kbit_training calls torch.cuda.empty_cache() on a GPU
     elif row.ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, use_reentrant=False)
     if row.lora or row.quant4:
-        from peft import LoraConfig, get_peft_model
-        lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(LORA_TARGETS[family]),
-                          fan_in_fan_out=family == "gpt2", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
+        model = apply_lora(model, r=16, alpha=32, targets=list(LORA_TARGETS[family]), dropout=0.05)
     model.train()  # HF checkpointing is silently off in eval mode
     params = [p for p in model.parameters() if p.requires_grad]
     if row.opt8bit:
