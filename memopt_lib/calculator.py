@@ -100,29 +100,72 @@ def full_finetune_table(name: str = "llama-7b", batch: int = 8, seq: int = 2048)
     return estimate(shape, batch=batch, seq=seq, weights="fp32", activations="fp32", checkpointing=False)
 
 
+PRECISIONS = {"fp32": ("fp32", "fp32"), "autocast bf16": ("fp32", "bf16"), "pure bf16": ("bf16", "bf16"),
+              "4-bit weights": ("nf4", "bf16")}
+RECIPE_PRECISION = {"fp32": "fp32", "autocast bf16": "amp", "pure bf16": "pure-bf16", "4-bit weights": "amp"}
+RECIPE_OPTIMIZER = {"adamw": "adamw", "adamw8bit": "adamw_8bit"}
+
+
+def predicted_breakdown(gpu: str, model: str, *, batch: int, seq: int, precision: str = "fp32",
+                        optimizer: str = "adamw", lora_rank: int = 0, checkpointing: bool = False) -> dict[str, float]:
+    """The same categories as :func:`estimate`, from the GPU-peak predictor (:mod:`memopt_lib.predict`).
+
+    The calculator's settings become a :class:`~memopt_lib.recipe.Recipe` and one training step of it is
+    replayed on meta tensors with ``gpu``'s kernels and caching allocator. The predictor's LoRA is rank 16
+    on the default targets (any ``lora_rank > 0``); "4-bit weights" is the QLoRA default stack (NF4 with
+    double quantization, ``prepare_model_for_kbit_training``, LoRA). cuBLAS workspaces count as temporaries.
+    """
+    from .bench import Row
+    from .predict import predict_step
+    from .recipe import Recipe
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if optimizer not in RECIPE_OPTIMIZER:
+        raise ValueError(f"the predictor models {sorted(RECIPE_OPTIMIZER)}, not {optimizer!r}: use the arithmetic")
+    quant = precision == "4-bit weights"
+    recipe = Recipe(name="calculator", precision=RECIPE_PRECISION[precision], quantization="nf4-dq" if quant else "",
+                    prepare="peft" if quant else "lean", lora_rank=16 if (lora_rank or quant) else 0,
+                    checkpointing=checkpointing, optimizer=RECIPE_OPTIMIZER[optimizer])
+    p = predict_step(gpu, model, batch, seq, Row("calculator", recipe))
+    out = {k: float(v) for k, v in p["breakdown_bytes"].items() if k != "workspaces"}
+    out["temporaries"] = out.get("temporaries", 0.0) + float(p["breakdown_bytes"].get("workspaces", 0))
+    return out
+
+
 def calculator_widget():
-    """ipywidgets sliders that redraw the predicted breakdown (falls back to a printout headless)."""
+    """ipywidgets sliders that redraw the predicted breakdown: by arithmetic, or by the GPU-peak predictor."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
     from .models import model_config
+    from .predict.gpus import GPUS
 
     models = {"GPT-2 124M": "gpt2", "Llama-2-7B": "llama-7b"}
-    ui = dict(model=w.Dropdown(options=list(models), description="model"),
+    ui = dict(method=w.Dropdown(options=["arithmetic"] + [f"predictor: {g}" for g in sorted(GPUS)],
+                                description="method"),
+              model=w.Dropdown(options=list(models), description="model"),
               batch=w.IntSlider(8, 1, 64, description="batch"),
               seq=w.IntSlider(512, 64, 4096, step=64, description="seq len"),
-              precision=w.Dropdown(options=[("fp32", ("fp32", "fp32")), ("autocast bf16", ("fp32", "bf16")),
-                                            ("pure bf16", ("bf16", "bf16")), ("4-bit weights", ("nf4", "bf16"))],
-                                   description="precision"),
+              precision=w.Dropdown(options=list(PRECISIONS), description="precision"),
               optimizer=w.Dropdown(options=list(OPTIMIZER_STATES), description="optimizer"),
               lora_rank=w.IntSlider(0, 0, 128, description="LoRA rank"),
               checkpointing=w.Checkbox(False, description="checkpointing"))
 
-    def draw(model, batch, seq, precision, optimizer, lora_rank, checkpointing):
-        shape = Shape.from_config(model_config(models[model]))
-        est = estimate(shape, batch=batch, seq=seq, weights=precision[0], activations=precision[1],
-                       optimizer=optimizer, lora_rank=lora_rank, checkpointing=checkpointing)
-        plot_estimate(est, title=f"{model}: predicted {sum(est.values()) / 1024**3:.1f} GiB")
+    def draw(method, model, batch, seq, precision, optimizer, lora_rank, checkpointing):
+        if method == "arithmetic":
+            shape = Shape.from_config(model_config(models[model]))
+            weights, acts = PRECISIONS[precision]
+            est = estimate(shape, batch=batch, seq=seq, weights=weights, activations=acts,
+                           optimizer=optimizer, lora_rank=lora_rank, checkpointing=checkpointing)
+        else:
+            try:
+                est = predicted_breakdown(method.split(": ")[1], models[model], batch=batch, seq=seq,
+                                          precision=precision, optimizer=optimizer, lora_rank=lora_rank,
+                                          checkpointing=checkpointing)
+            except ValueError as err:  # a setting the predictor does not model, or one a recipe refuses
+                print(err)
+                return
+        plot_estimate(est, title=f"{model}: {method}, {sum(est.values()) / 1024**3:.1f} GiB")
         plt.show()
 
     return w.interactive(draw, **ui)

@@ -18,6 +18,8 @@ in every rank and reports each rank's model-state bytes and its loss curve.
 """
 from __future__ import annotations
 
+from .models import from_config  # names the causal-LM loss: no transformers warning
+
 import json
 import os
 import tempfile
@@ -225,7 +227,7 @@ def tiny_gpt2(n_layer: int = 2, n_embd: int = 128, n_head: int = 4, vocab_size: 
     cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size, n_positions=n_positions,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = from_config(cfg)
     model.train()
     return model
 

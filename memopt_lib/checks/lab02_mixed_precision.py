@@ -37,6 +37,8 @@ Where the thresholds come from
 """
 from __future__ import annotations
 
+from ..models import from_config  # names the causal-LM loss: no transformers warning
+
 import math
 
 import torch
@@ -67,7 +69,7 @@ def _model(cfg: dict, seed: int, device):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     conf = GPT2Config(**cfg, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(conf).to(device).train()
+    return from_config(conf).to(device).train()
 
 
 def _batch(vocab, rows, seq, seed, device):

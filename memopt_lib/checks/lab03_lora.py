@@ -32,6 +32,8 @@ Where the thresholds come from
 """
 from __future__ import annotations
 
+from ..models import from_config  # names the causal-LM loss: no transformers warning
+
 import copy
 import hashlib
 import warnings
@@ -127,7 +129,7 @@ def _tiny(seed: int, device, vocab=None):
     if vocab:
         cfg["vocab_size"] = vocab
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(**cfg)).to(device)
+    return from_config(GPT2Config(**cfg)).to(device)
 
 
 def _setup(ns, model, r, targets):

@@ -32,6 +32,8 @@ Where the thresholds come from:
 """
 from __future__ import annotations
 
+from ..models import from_config  # names the causal-LM loss: no transformers warning
+
 import torch
 
 from .. import checkpointing as C
@@ -60,7 +62,7 @@ def _model(ctx, n_layer, width=64, salt=0):
     torch.manual_seed(ctx.seed * 7 + salt)
     cfg = GPT2Config(n_layer=n_layer, n_embd=width, n_head=4, vocab_size=512, n_positions=256, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=True)
-    return GPT2LMHeadModel(cfg).to(ctx.device).train()
+    return from_config(cfg).to(ctx.device).train()
 
 
 def _batch(ctx, rows=2, seq=64, vocab=512):

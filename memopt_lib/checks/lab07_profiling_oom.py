@@ -31,6 +31,8 @@ Where the thresholds come from:
 """
 from __future__ import annotations
 
+from ..models import from_config  # names the causal-LM loss: no transformers warning
+
 import math
 
 import torch
@@ -207,7 +209,7 @@ def _log_model(ctx):
     torch.manual_seed(ctx.seed)
     cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=512, n_positions=256, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).to(ctx.device).train()
+    return from_config(cfg).to(ctx.device).train()
 
 
 @CHECKS.check(points=2, needs=["train_and_log"], measures_memory=True)

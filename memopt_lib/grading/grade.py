@@ -193,7 +193,8 @@ def canary(rt: Runtime, ref: Session, uids: Queue) -> list[Grade]:
                    f"({good.status}{': ' + good.reason if good.reason else ''}; {'; '.join(failing)})")
     if bad.score > 0 or bad.status != "graded":
         passing = [c.name for c in bad.checks if c.status == "passed"]
-        why.append(f"the unsolved lab scored {bad.score:g} (passed: {', '.join(passing) or '-'}; status {bad.status})")
+        why.append(f"the unsolved lab scored {bad.score:g} (passed: {', '.join(passing) or '-'}; status {bad.status}"
+                   f"{': ' + bad.reason if bad.reason else ''})")
     if why:
         raise BatchError(f"lab {rt.lab.lab}: canary failed, no student graded: " + " and ".join(why)
                          + f"\nsolution output:\n{good.output_tail[-1500:]}")

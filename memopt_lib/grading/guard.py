@@ -36,15 +36,16 @@ import threading
 import types
 
 ALWAYS_FLAGGED = ("os.system", "os.exec", "os.spawn", "pty.spawn", "sys.settrace", "sys.setprofile", "sys.addaudithook",
-                  "code.__new__", "os.kill", "os.killpg", "signal.pthread_kill")
+                  "code.__new__", "signal.pthread_kill")
 # introspection: flagged when the student's cell called it, directly or through one helper
 # (``inspect.currentframe()``); compile/exec only when called directly, because library
 # helpers a student may use honestly (namedtuple, dataclass) exec code of their own
 # (libraries load native code with ctypes during checks -- transformers does -- so ctypes counts only here)
 # processes: the grader's meter measures the child's whole process tree, so a process the kit starts
-# (lab 10's ranks) hides nothing; one started by the submission's own code is still flagged
+# (lab 10's ranks) hides nothing, and the kit stops its own ranks (os.kill) when one fails; a process
+# started or signalled by the submission's own code is still flagged
 NEAR_STUDENT = ("sys._getframe", "sys._current_frames", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-                "ctypes.", "os.fork", "os.forkpty", "os.posix_spawn", "subprocess.Popen")
+                "ctypes.", "os.fork", "os.forkpty", "os.posix_spawn", "subprocess.Popen", "os.kill", "os.killpg")
 DIRECT_FROM_STUDENT = ("compile", "exec", "function.__new__")
 STUDENT_PREFIX = "<cell "
 # torch rebinds these itself, lazily (importing torch._dynamo wraps torch.manual_seed in
