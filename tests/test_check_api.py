@@ -29,7 +29,8 @@ def _registry():
     @lean.judge
     def _(got, ref, ctx):
         assert got.memory.source == "tracker" and ref.memory is not None
-        assert got.memory.peak_bytes <= 1.5 * ref.memory.peak_bytes, "uses more memory than the reference"
+        # the rise above the start: tensors other code left alive count in both peaks, not in the rise
+        assert got.memory.delta_bytes <= 1.5 * ref.memory.delta_bytes + 4096, "uses more memory than the reference"
 
     return reg
 

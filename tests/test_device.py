@@ -17,7 +17,7 @@ def test_cpu_profile_and_override(monkeypatch):
     monkeypatch.delenv("MEMOPT_PROFILE", raising=False)
     if not torch.cuda.is_available():
         p = pick_profile()
-        assert p.name == "cpu" and p.gpt2 == "gpt2" and "why" in p.describe()
+        assert p.name == "cpu" and p.gpt2 == "gpt2-narrow" and "why" in p.describe()
     monkeypatch.setenv("MEMOPT_PROFILE", "cpu")
     assert pick_profile().name == "cpu"
     monkeypatch.setenv("MEMOPT_PROFILE", "tpu")

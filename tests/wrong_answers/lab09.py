@@ -66,6 +66,8 @@ def _build(model_name, *, rank=16, device="cpu", lr=2e-4, targets=QKVO, prepare=
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if not use_cache:
         model.config.use_cache = False
+    else:  # loaded the course text's way (from_pretrained keeps the KV cache on; memopt's load_model turns it off)
+        model.config.use_cache = True
     r = fixed_rank or rank
     lora = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout,
                       target_modules="all-linear" if all_linear else list(targets), task_type="CAUSAL_LM")
