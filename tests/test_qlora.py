@@ -163,12 +163,13 @@ def test_reentrant_checkpointing_needs_input_grads(reentrant):
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
 
 
-def test_qlora_step_report_cpu_lean_beats_default_with_micro_batches():
+def test_qlora_step_report_cpu_lean_beats_default_with_micro_batches(live_bytes):
+    base = live_bytes()  # tensors earlier tests left alive count in both peaks: compare what the runs add
     lean = qlora.qlora_step_report(TINY, batch=4, seq=128, device="cpu", recipe="lean", micro_batch=1)
     default = qlora.qlora_step_report(TINY, batch=4, seq=128, device="cpu", recipe="default")
     assert lean.extra["checkpointing_active"] and default.extra["checkpointing_active"]
     assert lean.extra["optimizer"] == "AdamW8bit" and default.extra["optimizer"] == "AdamW"
-    assert lean.peak_allocated_bytes < 0.75 * default.peak_allocated_bytes
+    assert lean.peak_allocated_bytes - base < 0.75 * (default.peak_allocated_bytes - base)
     with pytest.raises(ValueError, match="recipe"):
         qlora.qlora_step_report(TINY, device="cpu", recipe="fast")
 
