@@ -12,7 +12,7 @@ import time
 from collections import deque
 from queue import Queue
 
-from .sandbox import (MAX_RESULT_BYTES, RUNNER, TAIL_BYTES, UNSHARE, Limits, Outcome, _drain, _kill_uid, _killpg,
+from .sandbox import (MAX_RESULT_BYTES, RUNNER, TAIL_BYTES, UNSHARE, Limits, Outcome, _drain, _kill_uid, _killpg, read_chunks,
                       child_config, child_env, child_sys_path, isolation, parse_messages)
 
 
@@ -59,7 +59,7 @@ class Child:
         self.timed_out = False
         self.status = self.rusage = None
         self._readers = [threading.Thread(target=self._read_results, args=(r_fd,), daemon=True),
-                         threading.Thread(target=_drain, args=(o_fd, self.tail, TAIL_BYTES, False), daemon=True)]
+                         threading.Thread(target=_drain, args=(o_fd, self.tail, TAIL_BYTES), daemon=True)]
         for t in self._readers:
             t.start()
         try:
@@ -70,25 +70,18 @@ class Child:
 
     def _read_results(self, fd: int) -> None:
         total, buf = 0, b""
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            while True:
-                try:
-                    chunk = f.read(65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > MAX_RESULT_BYTES:
-                    self.rejected += 1
-                    break
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    msgs, bad = parse_messages([raw], self.token)
-                    self.rejected += bad
-                    for m in msgs:
-                        self.queue.put(m)
+        for chunk in read_chunks(fd):
+            total += len(chunk)
+            if total > MAX_RESULT_BYTES:
+                self.rejected += 1
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                msgs, bad = parse_messages([raw], self.token)
+                self.rejected += bad
+                for m in msgs:
+                    self.queue.put(m)
         self.queue.put(None)  # EOF
 
     def send(self, **cmd) -> None:

@@ -107,27 +107,25 @@ class Outcome:
         return -self.returncode if self.returncode is not None and self.returncode < 0 else None
 
 
-def _drain(fd: int, sink: deque | list, limit: int, lines: bool) -> None:
-    """Read ``fd`` to EOF; keep the last ``limit`` bytes (``lines``: the first ``limit`` bytes, by line)."""
-    total, buf = 0, b""
+def read_chunks(fd: int, size: int = 65536):
+    """The bytes of pipe ``fd`` as they arrive, until EOF (or a read error); closes ``fd``."""
     with os.fdopen(fd, "rb", buffering=0) as f:
         while True:
             try:
-                chunk = f.read(65536)
+                chunk = f.read(size)
             except OSError:
-                break
+                return
             if not chunk:
-                break
-            total += len(chunk)
-            if lines:
-                if total <= limit:
-                    buf += chunk
-            else:
-                sink.append(chunk)
-                while sum(len(c) for c in sink) > limit and len(sink) > 1:
-                    sink.popleft()
-    if lines:
-        sink.extend(buf.split(b"\n"))
+                return
+            yield chunk
+
+
+def _drain(fd: int, sink: deque, limit: int) -> None:
+    """Read ``fd`` to EOF; keep its last ``limit`` bytes (at least the last chunk) in ``sink``."""
+    for chunk in read_chunks(fd):
+        sink.append(chunk)
+        while sum(len(c) for c in sink) > limit and len(sink) > 1:
+            sink.popleft()
 
 
 def _kill_uid(uid: int, patience_s: float = 10.0) -> None:
