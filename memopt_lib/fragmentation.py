@@ -33,7 +33,6 @@ arithmetic, labelled as such wherever it is shown.
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import os
 import subprocess
@@ -41,7 +40,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from .oom import format_oom_message
-from .predict.allocator import SMALL_SIZE, CachingAllocator, round_size, segment_size
+from .predict.allocator import CachingAllocator, round_size
 
 MiB = 1 << 20
 PAGE = 2 * MiB                      # expandable segments map physical memory in 2 MiB pages
@@ -69,16 +68,10 @@ class BoundedAllocator(CachingAllocator):
         super().__init__()
         self.capacity_bytes = int(capacity_bytes)
 
-    def _needs_segment(self, size: int) -> int:
-        """Bytes of the new segment this request would need (0 when a cached block fits)."""
-        lst = self._free[size <= SMALL_SIZE]
-        i = bisect.bisect_left(lst, (size, -1, -1))
-        return 0 if i < len(lst) else segment_size(size)
-
     def malloc(self, nbytes: int):
         if nbytes <= 0:
             return None
-        seg = self._needs_segment(round_size(nbytes))
+        seg = self.new_segment_bytes(nbytes)
         if seg and self.reserved_bytes + seg > self.capacity_bytes:
             self.empty_cache()  # the allocator's own retry: free cached segments, then try again
             if self.reserved_bytes + seg > self.capacity_bytes:

@@ -111,6 +111,15 @@ class CachingAllocator:
         self.peak_reserved_bytes = self.reserved_bytes
 
     # -------------------------------------------------------------- allocate / free
+    def _best_fit(self, size: int) -> int:
+        """Index of the smallest cached block of ``size``'s pool that holds it (the list's length: none)."""
+        return bisect.bisect_left(self._free[size <= SMALL_SIZE], (size, -1, -1))
+
+    def new_segment_bytes(self, nbytes: int) -> int:
+        """The ``cudaMalloc`` a request of ``nbytes`` would need now (0 when a cached block fits)."""
+        size = round_size(nbytes)
+        return 0 if self._best_fit(size) < len(self._free[size <= SMALL_SIZE]) else segment_size(size)
+
     def malloc(self, nbytes: int) -> int | None:
         """Allocate ``nbytes``; returns a handle for :meth:`free` (``None`` for 0 bytes, like CUDA)."""
         if nbytes <= 0:
@@ -118,7 +127,7 @@ class CachingAllocator:
         size = round_size(nbytes)
         small = size <= SMALL_SIZE
         lst = self._free[small]
-        i = bisect.bisect_left(lst, (size, -1, -1))
+        i = self._best_fit(size)
         if i < len(lst):
             _, _, bid = lst.pop(i)
             block = self._blocks.pop(bid)
