@@ -77,16 +77,29 @@ class Int8Head(torch.nn.Module):
 
 
 class HostEmbedding(torch.nn.Module):
-    """An embedding whose table lives in host memory; its output is moved to ``device``."""
+    """An embedding whose table lives in host memory; its output is moved to ``device``.
+
+    ``moved_bytes`` counts what crossed the host link (token ids down, looked-up rows up), for a cost model.
+    """
 
     def __init__(self, embedding: torch.nn.Embedding, device: torch.device | str):
         super().__init__()
-        self.inner = embedding.to("cpu")
+        self.inner = self.to_host(embedding)
         self.device = torch.device(device)
         self.weight = self.inner.weight  # transformers reads get_input_embeddings().weight (dtype, tying checks)
+        self.moved_bytes = 0
+
+    def to_host(self, embedding: torch.nn.Embedding) -> torch.nn.Embedding:
+        return embedding.to("cpu")
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of ``ids``, looked up on the host, copied to the device."""
+        return self.inner(ids.to("cpu")).to(self.device, non_blocking=True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.inner(ids.to("cpu")).to(self.device, non_blocking=True)
+        out = self.lookup(ids)
+        self.moved_bytes += ids.numel() * ids.element_size() + out.numel() * out.element_size()
+        return out
 
 
 def _tied(model) -> bool:
@@ -102,12 +115,14 @@ def _set_head(model, module) -> None:
 
 
 def place_vocab_matrices(model: torch.nn.Module, *, embedding: str = "keep", lm_head: str = "keep",
-                         device: torch.device | str | None = None) -> torch.nn.Module:
+                         device: torch.device | str | None = None,
+                         host_embedding: type = HostEmbedding) -> torch.nn.Module:
     """Apply a placement to the input embedding and the lm_head of a transformers causal LM; returns it.
 
     Call it on the base model *before* LoRA (peft wraps what it finds), after the model is frozen.
     ``device``: where the rest of the model runs (the host embedding sends its output there; default: the
-    embedding's current device).
+    embedding's current device). ``host_embedding``: the :class:`HostEmbedding` class to use (the GPU
+    predictor passes a subclass whose host tensors live outside its replayed GPU allocator).
     """
     if embedding not in EMBEDDING_PLACEMENTS:
         raise ValueError(f"embedding placement must be one of {EMBEDDING_PLACEMENTS}, got {embedding!r}")
@@ -134,7 +149,7 @@ def place_vocab_matrices(model: torch.nn.Module, *, embedding: str = "keep", lm_
     if embedding == "8bit":
         model.set_input_embeddings(Int8Embedding(emb))
     elif embedding == "host":
-        model.set_input_embeddings(HostEmbedding(emb, device))
+        model.set_input_embeddings(host_embedding(emb, device))
     if lm_head == "8bit":
         _set_head(model, Int8Head(head))
     return model
