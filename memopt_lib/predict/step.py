@@ -106,8 +106,8 @@ def predict_step(gpu: str | GPU = "h200", model: str = "gpt2", batch: int = 8, s
     * ``flops`` -- floating-point operations of the steady step (``FlopCounterMode``: matmuls and
       attention of forward, backward and checkpointing's recomputation; 2 per multiply-add);
     * ``host_transfer_bytes`` -- bytes the steady step moves between host and GPU (offloaded activations
-      down and back, the host embedding's ids and rows); paged optimizer states move only under memory
-      pressure and are not counted.
+      down and back, the host embedding's ids and rows; ``host_transfer_breakdown`` splits them); paged
+      optimizer states move only under memory pressure and are not counted.
     """
     from ..bench import Row, rows_for
     from ..models import spec
@@ -169,14 +169,14 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
             mask = torch.empty_like(ids)  # noqa: F841 -- allocated as the bench's batch is (see module doc)
             k = min(row.recipe.micro_batches, batch)
             tokens = [len(r) * (seq - 1) for r in torch.arange(batch).tensor_split(k)]  # unpadded rows
-            reserved_run, flops, moved = 0, 0, 0
+            reserved_run, flops, moved = 0, 0, {}
             for i in range(opts.steps):
                 last = i == opts.steps - 1
                 if last:
                     gc.collect()
                     reserved_run = replay.alloc.peak_reserved_bytes
                     replay.alloc.empty_cache()  # the bench's settle(): empty_cache + reset_peak_memory_stats
-                    moved = -_host_bytes(m, target)
+                    before = _host_bytes(m, target)
                 counter = FlopCount() if last else contextlib.nullcontext()
                 replay.start_measuring()
                 with counter:
@@ -184,7 +184,7 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
                 replay.stop_measuring()
                 if last:
                     flops = counter.total
-                    moved += _host_bytes(m, target)
+                    moved = {k: v - before[k] for k, v in _host_bytes(m, target).items()}
                 peaks.append((replay.alloc.peak_allocated_bytes, replay.alloc.peak_reserved_bytes,
                               dict(replay.peak_sizes), replay.peak_phase))
             opt = c.optimizer
@@ -204,7 +204,7 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
             "peak_reserved_bytes": reserved, "max_reserved_bytes": max(reserved_run, reserved),
             "peak_phase": phase, "breakdown_bytes": replay.breakdown(sizes),
             "state_bytes": {"weights": weights, "optimizer": opt_bytes}, "trainable_params": trainable,
-            "flops": int(flops), "host_transfer_bytes": int(moved),
+            "flops": int(flops), "host_transfer_bytes": sum(moved.values()), "host_transfer_breakdown": moved,
             "sdpa_backends": dict(sem.sdpa_backends), "predicted": True}
 
 
@@ -237,10 +237,11 @@ class FlopCount(TorchDispatchMode):
         return out
 
 
-def _host_bytes(model, target) -> int:
-    """Bytes over the host link so far: activation offloading (both ways) and host embeddings' copies."""
-    off = sum(o.stats.to_host_bytes + o.stats.to_device_bytes for o in target.offloaders)
-    return off + sum(getattr(mod, "moved_bytes", 0) for mod in model.modules())
+def _host_bytes(model, target) -> dict[str, int]:
+    """Bytes over the host link so far: activation offloading (each way) and host embeddings' copies."""
+    return {"activations_to_host": sum(o.stats.to_host_bytes for o in target.offloaders),
+            "activations_to_device": sum(o.stats.to_device_bytes for o in target.offloaders),
+            "embedding": sum(getattr(mod, "moved_bytes", 0) for mod in model.modules())}
 
 
 def _unique(tensors):
