@@ -266,3 +266,30 @@ def test_vocab_placement_and_lean_preparation_bytes():
     lean_peak = _p("llama-tiny", B, S, QLORA_LEAN)["peak_allocated_bytes"]
     assert lean_peak - host["peak_allocated_bytes"] == pytest.approx(V * H * 2, rel=0.01)
     assert host["host_transfer_breakdown"]["embedding"] == B * S * 8 + B * S * H * 2  # ids down, rows up
+
+
+def test_a_recipe_the_gpu_cannot_run_is_listed_with_the_reason():
+    """A T4 has no bf16: memopt's GPT-2 recipe would need fp16 + a GradScaler, which stepping in backward cannot use."""
+    rows = predict_ladder("t4", "gpt2-tiny", 2, 32, ["memopt recipe"])
+    assert rows[1]["status"] == "skipped" and "optimizer_in_backward=False" in rows[1]["reason"]
+
+
+def test_goals_table_predicted_and_committed(tmp_path, monkeypatch):
+    """The goals command: every run predicted twice (default, memopt), verdicts from the numbers, marked predicted."""
+    from memopt_lib.predict import goals
+    committed = json.loads((goals.Path(__file__).resolve().parents[1] / ".ci/predictions/goals-h200.json").read_text())
+    assert committed["predicted"] and committed["command"].startswith("python -m memopt_lib.predict goals")
+    assert [(r["run"], r["model"], r["batch"], r["seq"], r["goal_GiB"]) for r in committed["rows"]] == \
+        [tuple(g) for g in goals.GOALS]
+    b1 = committed["rows"][0]
+    assert b1["measured_default_GiB"] == pytest.approx(5.043, abs=0.01)  # the H200 anchor of the default at B1
+    monkeypatch.setattr(goals, "GOALS", [("tiny", "llama-tiny", 2, 64, 0.05)])
+    out = tmp_path / "g.json"
+    assert goals.main(["--gpu", "a100", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    r = doc["rows"][0]
+    assert doc["predicted"] and "--gpu a100" in doc["command"] and r["default"]["recipe"] == "QLoRA default"
+    assert r["memopt"]["peak_allocated_GiB"] < r["default"]["peak_allocated_GiB"]
+    assert r["meets_memory_goal"] == (r["memopt"]["peak_allocated_GiB"] <= 0.05)
+    assert r["flop_time_ratio"] == pytest.approx(r["memopt"]["flops"] / r["default"]["flops"]) and r["flop_time_ratio"] > 1
+    assert r["memopt"]["host_transfer_bytes"] > 0  # memopt's recipe keeps the embedding on the host

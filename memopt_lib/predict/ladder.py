@@ -42,7 +42,16 @@ def predict_ladder(gpu: str, model: str, batch: int, seq: int, rows: list[str] |
     out = []
     for row in _rows(model, rows):
         t0 = time.perf_counter()
-        p = predict_step(g, model, batch, seq, row, steps=steps)
+        try:
+            p = predict_step(g, model, batch, seq, row, steps=steps)
+        except ValueError as err:  # compose refuses the recipe on this GPU (e.g. fp16 + optimizer in backward on a T4)
+            out.append({"name": row.name, "device": f"predicted:{g.name}", "model": model, "batch": batch,
+                        "seq": seq, "status": "skipped", "reason": f"cannot run on {g.name}: {err}",
+                        "peak_allocated_bytes": None, "peak_reserved_bytes": None, "device_used_bytes": None,
+                        "step_time_s": None, "ratio": None, "time_ratio": None, "breakdown_bytes": None,
+                        "trainable_params": None, "loss": None, "flags": row.recipe.to_dict(), "predicted": True,
+                        "predicted_bytes": _predicted_bytes(row.recipe, cfg, batch, seq)})
+            continue
         r = {"name": row.name, "device": f"predicted:{g.name}", "model": model, "batch": batch, "seq": seq,
              "status": "ok", "reason": "predicted", "peak_allocated_bytes": p["peak_allocated_bytes"],
              "peak_reserved_bytes": p["peak_reserved_bytes"], "device_used_bytes": None, "step_time_s": None,
