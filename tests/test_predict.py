@@ -216,6 +216,7 @@ def test_chunked_loss_removes_the_full_logits(gpt2_b4):
     # the price: the lm_head matmul again in backward (2 N H V FLOPs), nothing else
     extra = gpt2_b4["chunked"]["flops"] - gpt2_b4["base"]["flops"]
     assert extra == pytest.approx(2 * 4 * 256 * 128 * 8192, rel=0.02)
+    assert gpt2_b4["base"]["flops_by_dtype"] == {"float32": gpt2_b4["base"]["flops"]}  # fp32 recipe: fp32 kernels
 
 
 def test_activation_offloading_moves_what_a_cpu_run_moves(gpt2_b4):
@@ -293,3 +294,14 @@ def test_goals_table_predicted_and_committed(tmp_path, monkeypatch):
     assert r["meets_memory_goal"] == (r["memopt"]["peak_allocated_GiB"] <= 0.05)
     assert r["flop_time_ratio"] == pytest.approx(r["memopt"]["flops"] / r["default"]["flops"]) and r["flop_time_ratio"] > 1
     assert r["memopt"]["host_transfer_bytes"] > 0  # memopt's recipe keeps the embedding on the host
+
+
+def test_flops_count_forward_backward_and_recompute():
+    """gpt2-tiny (L=2, H=128, V=8192) at 2 x 64: per token and layer 24 H^2 multiply-adds x 2 in the linears,
+    4 B S^2 H in attention; backward = 2 x forward for matmuls, 10 B S^2 H for attention; the tied lm_head
+    2 N H V; checkpointing adds one more forward of the blocks."""
+    B, S, H, L, V = 2, 64, 128, 2, 8192
+    N = B * S
+    base, ckpt = (predict_step("h200", "gpt2-tiny", B, S, r, steps=2) for r in ("fp32 baseline", "checkpointing"))
+    assert base["flops"] == 3 * (L * 24 * N * H * H + 2 * N * H * V) + L * (4 + 10) * B * S * S * H
+    assert ckpt["flops"] - base["flops"] == L * (24 * N * H * H + 4 * B * S * S * H)

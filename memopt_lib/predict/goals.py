@@ -8,7 +8,8 @@ GPT-2: the fp32 baseline) and :func:`memopt_lib.recipe.memopt_recipe`, at the sa
 peak allocated and reserved memory, the goal and whether the prediction meets it, the H200 measurement of the
 default where the repository holds one, and a **FLOP-based step-time ratio** (memopt's FLOPs / the default's:
 checkpointing's recomputation and the chunked loss's second lm_head pass are in it). That ratio is a lower
-bound on the time ratio, not a timing: it leaves out what costs time without FLOPs -- bitsandbytes' 4-bit
+bound on the time ratio, not a timing, and it weighs an fp32 FLOP like a bf16 one (GPT-2's default is fp32, memopt's
+recipe bf16 autocast: ``flops_by_dtype`` has the split). It leaves out what costs time without FLOPs -- bitsandbytes' 4-bit
 dequantization and 8-bit optimizer kernels, per-parameter optimizer launches in backward, and the host link
 (its bytes are reported as ``host_transfer_bytes``; :mod:`memopt_lib.predict.cost` turns them into time).
 The loss goal (GPT-2 within 2 % of fp32 after 200 steps) cannot be predicted: ``.ci/gpu_check.py
@@ -57,6 +58,7 @@ def _measured_default(model: str, batch: int, seq: int) -> float | None:
 def _entry(p: dict, rc) -> dict:
     return {"recipe": rc.name, "flags": rc.to_dict(), "peak_allocated_GiB": p["peak_allocated_bytes"] / GiB,
             "peak_reserved_GiB": p["peak_reserved_bytes"] / GiB, "flops": p["flops"],
+            "flops_by_dtype": p["flops_by_dtype"],
             "host_transfer_bytes": p["host_transfer_bytes"], "breakdown_GiB": {
                 k: round(v / GiB, 4) for k, v in p["breakdown_bytes"].items()}}
 
@@ -120,7 +122,9 @@ def main(argv=None) -> int:
         command = "python -m memopt_lib.predict goals --gpu " + args.gpu + " --json " + args.json
         doc = {"predicted": True, "command": command, "gpu": args.gpu,
                "note": ("Predicted, not measured: memopt_lib.predict (meta tensors, replayed caching allocator). "
-                        "flop_time_ratio counts matmul/attention FLOPs only (a lower bound on the time ratio); "
+                        "flop_time_ratio counts matmul/attention FLOPs only, fp32 and bf16 alike (flops_by_dtype splits "
+                        "them); kernels without FLOPs (4-bit dequantization, 8-bit optimizer) and host copies are "
+                        "not in it; "
                         "the GPT-2 loss goal is measured by .ci/gpu_check.py --only gpt2_200 on a GPU."),
                "rows": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

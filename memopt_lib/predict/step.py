@@ -105,6 +105,8 @@ def predict_step(gpu: str | GPU = "h200", model: str = "gpt2", batch: int = 8, s
     * ``sdpa_backends`` -- attention kernels chosen, with counts;
     * ``flops`` -- floating-point operations of the steady step (``FlopCounterMode``: matmuls and
       attention of forward, backward and checkpointing's recomputation; 2 per multiply-add);
+      ``flops_by_dtype`` splits them by the dtype each kernel produced (bf16 tensor-core matmuls run
+      several times faster than fp32 ones: a time model weights them differently);
     * ``host_transfer_bytes`` -- bytes the steady step moves between host and GPU (offloaded activations
       down and back, the host embedding's ids and rows; ``host_transfer_breakdown`` splits them); paged
       optimizer states move only under memory pressure and are not counted.
@@ -169,7 +171,7 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
             mask = torch.empty_like(ids)  # noqa: F841 -- allocated as the bench's batch is (see module doc)
             k = min(row.recipe.micro_batches, batch)
             tokens = [len(r) * (seq - 1) for r in torch.arange(batch).tensor_split(k)]  # unpadded rows
-            reserved_run, flops, moved = 0, 0, {}
+            reserved_run, flops, flops_by_dtype, moved = 0, 0, {}, {}
             for i in range(opts.steps):
                 last = i == opts.steps - 1
                 if last:
@@ -183,7 +185,7 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
                     c.step(data, target_tokens=tokens)
                 replay.stop_measuring()
                 if last:
-                    flops = counter.total
+                    flops, flops_by_dtype = counter.total, dict(counter.by_dtype)
                     moved = {k: v - before[k] for k, v in _host_bytes(m, target).items()}
                 peaks.append((replay.alloc.peak_allocated_bytes, replay.alloc.peak_reserved_bytes,
                               dict(replay.peak_sizes), replay.peak_phase))
@@ -204,7 +206,8 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
             "peak_reserved_bytes": reserved, "max_reserved_bytes": max(reserved_run, reserved),
             "peak_phase": phase, "breakdown_bytes": replay.breakdown(sizes),
             "state_bytes": {"weights": weights, "optimizer": opt_bytes}, "trainable_params": trainable,
-            "flops": int(flops), "host_transfer_bytes": sum(moved.values()), "host_transfer_breakdown": moved,
+            "flops": int(flops), "flops_by_dtype": flops_by_dtype,
+            "host_transfer_bytes": sum(moved.values()), "host_transfer_breakdown": moved,
             "sdpa_backends": dict(sem.sdpa_backends), "predicted": True}
 
 
@@ -227,13 +230,19 @@ class FlopCount(TorchDispatchMode):
         except (ImportError, AttributeError):  # no bitsandbytes: no 4-bit recipe runs either
             pass
         self.total = 0
+        self.by_dtype: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         formula = self.registry.get(func._overloadpacket)
         if formula is not None:
-            self.total += int(formula(*args, **kwargs, out_val=out))
+            n = int(formula(*args, **kwargs, out_val=out))
+            self.total += n
+            first = out if isinstance(out, torch.Tensor) else next(
+                (t for t in (out if isinstance(out, (tuple, list)) else ()) if isinstance(t, torch.Tensor)), None)
+            key = str(first.dtype).removeprefix("torch.") if first is not None else "unknown"
+            self.by_dtype[key] = self.by_dtype.get(key, 0) + n  # the dtype a kernel runs in sets its speed
         return out
 
 
