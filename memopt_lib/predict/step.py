@@ -47,6 +47,7 @@ class StepOptions:
     attn: str = "sdpa"               # attn_implementation: "sdpa" or "eager" (the math path)
     amp_dtype: str | None = None     # autocast dtype; None: bf16 where native, else fp16 (memopt's rule)
     steps: int = 3                   # steps replayed; the last one is the steady state
+    count_flops: bool = True         # count the steady step's FLOPs (a dispatch mode more: slower)
 
     def __post_init__(self):
         if self.optimizer not in ("foreach", "fused"):
@@ -92,7 +93,7 @@ def predict_step(gpu: str | GPU = "h200", model: str = "gpt2", batch: int = 8, s
     """Predict one training step's CUDA memory: peak allocated and reserved bytes, with a breakdown.
 
     ``row`` is a :class:`memopt_lib.bench.Row` or the name of one of the bench's rows. ``options`` are
-    :class:`StepOptions` fields (``optimizer``, ``attn``, ``amp_dtype``, ``steps``). The step is
+    :class:`StepOptions` fields (``optimizer``, ``attn``, ``amp_dtype``, ``steps``, ``count_flops``). The step is
     replayed ``steps`` times; returned:
 
     * ``peak_allocated_bytes`` -- the last (steady-state) step's ``max_memory_allocated``;
@@ -104,7 +105,8 @@ def predict_step(gpu: str | GPU = "h200", model: str = "gpt2", batch: int = 8, s
     * ``state_bytes`` -- weights / optimizer state bytes as tensors (unrounded);
     * ``sdpa_backends`` -- attention kernels chosen, with counts;
     * ``flops`` -- floating-point operations of the steady step (``FlopCounterMode``: matmuls and
-      attention of forward, backward and checkpointing's recomputation; 2 per multiply-add);
+      attention of forward, backward and checkpointing's recomputation; 2 per multiply-add; ``None`` with
+      ``count_flops=False``);
       ``flops_by_dtype`` splits them by the dtype each kernel produced (bf16 tensor-core matmuls run
       several times faster than fp32 ones: a time model weights them differently);
     * ``host_transfer_bytes`` -- bytes the steady step moves between host and GPU (offloaded activations
@@ -171,7 +173,7 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
             mask = torch.empty_like(ids)  # noqa: F841 -- allocated as the bench's batch is (see module doc)
             k = min(row.recipe.micro_batches, batch)
             tokens = [len(r) * (seq - 1) for r in torch.arange(batch).tensor_split(k)]  # unpadded rows
-            reserved_run, flops, flops_by_dtype, moved = 0, 0, {}, {}
+            reserved_run, flops, flops_by_dtype, moved = 0, None, None, {}
             for i in range(opts.steps):
                 last = i == opts.steps - 1
                 if last:
@@ -179,13 +181,14 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
                     reserved_run = replay.alloc.peak_reserved_bytes
                     replay.alloc.empty_cache()  # the bench's settle(): empty_cache + reset_peak_memory_stats
                     before = _host_bytes(m, target)
-                counter = FlopCount() if last else contextlib.nullcontext()
+                counter = FlopCount() if last and opts.count_flops else contextlib.nullcontext()
                 replay.start_measuring()
                 with counter:
                     c.step(data, target_tokens=tokens)
                 replay.stop_measuring()
                 if last:
-                    flops, flops_by_dtype = counter.total, dict(counter.by_dtype)
+                    if opts.count_flops:
+                        flops, flops_by_dtype = counter.total, dict(counter.by_dtype)
                     moved = {k: v - before[k] for k, v in _host_bytes(m, target).items()}
                 peaks.append((replay.alloc.peak_allocated_bytes, replay.alloc.peak_reserved_bytes,
                               dict(replay.peak_sizes), replay.peak_phase))
@@ -206,7 +209,7 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
             "peak_reserved_bytes": reserved, "max_reserved_bytes": max(reserved_run, reserved),
             "peak_phase": phase, "breakdown_bytes": replay.breakdown(sizes),
             "state_bytes": {"weights": weights, "optimizer": opt_bytes}, "trainable_params": trainable,
-            "flops": int(flops), "flops_by_dtype": flops_by_dtype,
+            "flops": flops, "flops_by_dtype": flops_by_dtype,
             "host_transfer_bytes": sum(moved.values()), "host_transfer_breakdown": moved,
             "sdpa_backends": dict(sem.sdpa_backends), "predicted": True}
 
