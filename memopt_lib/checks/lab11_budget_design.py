@@ -251,7 +251,7 @@ def _(got, ref, ctx):
         err = a["peak_gib"] / want - 1
         if abs(err) > PEAK_TOL:
             parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in p["breakdown_bytes"].items() if v > 0.01 * GiB)
-            hint = ("about 1/1024 of the truth: return GiB, not MiB" if 500 < want / max(a["peak_gib"], 1e-9) < 2000
+            hint = ("about 1024 x the truth: return GiB, not MiB" if 500 < a["peak_gib"] / want < 2000
                     else "does it count the activations of one micro-batch (they grow with its tokens)?"
                     if err < -0.4 else "are gradients counted while none is alive (one micro-batch: they are "
                     "freed before the next forward and made after the peak)?" if err > 0 else
