@@ -121,3 +121,37 @@ def test_rebuild_holds_the_recipe_to_the_task():
         rebuild({**task, "recipe": {**Recipe().to_dict(), "precision": "fp8"}})
     with pytest.raises(AssertionError, match="not a valid Recipe"):
         rebuild({**task, "recipe": {**Recipe().to_dict(), "warp_drive": True}})
+
+
+def _gpu_answer(**measured):
+    return {"card_gb": 12, "model": "gpt2", "batch": 16, "seq": 512, "peak_gib": 7.5, "time_ratio": 0.53,
+            "recipe": Recipe("amp x2", precision="amp", micro_batches=2).to_dict(),
+            "measured": {"max_allocated_bytes": int(7.4 * 2**30), "max_reserved_bytes": int(8.0 * 2**30),
+                         "step_time_s": 0.05, **measured}}
+
+
+def test_gpu_judges_read_the_outside_meter_and_the_measured_times():
+    """The GPU checks' judges on evidence shaped as a GPU run hands it back (no GPU on the development machine)."""
+    from memopt_lib.checks import lab11_budget_design as lab11
+    from memopt_lib.checks.base import Evidence, MemoryReading
+    fit = next(c for c in registry("11") if c.name == "measured_fit")
+    timing = next(c for c in registry("11") if c.name == "measured_step_time")
+    ctx = CheckContext.here(seed=SEED)
+
+    def reading(gib):
+        return MemoryReading(int(gib * 2**30), 2**29, "cuda-driver")
+    ok = fit.judge_fn(Evidence({"answer": _gpu_answer()}, reading(8.6)), None, ctx)
+    assert ok["used_GiB"] == 8.6
+    with pytest.raises(AssertionError, match="more than the 12 GiB card"):
+        fit.judge_fn(Evidence({"answer": _gpu_answer()}, reading(12.4)), None, ctx)
+    with pytest.raises(AssertionError, match="checker error"):  # the child claims more than the driver saw
+        fit.judge_fn(Evidence({"answer": _gpu_answer()}, reading(7.0)), None, ctx)
+    with pytest.raises(AssertionError, match="measured peak allocated"):
+        fit.judge_fn(Evidence({"answer": {**_gpu_answer(), "peak_gib": 3.0}}, reading(8.6)), None, ctx)
+    # in a notebook (in-process tracker): reserved + the stated CUDA context
+    assert fit.judge_fn(Evidence({"answer": _gpu_answer()}, MemoryReading(1, 0, "tracker")), None, ctx)["used_GiB"] == 8.5
+    timed = {**_gpu_answer(), "base": {"step_time_s": 0.1}}
+    assert timing.judge_fn(Evidence({"answer": timed}), None, ctx)["measured_time_ratio"] == 0.5
+    with pytest.raises(AssertionError, match="measured 0.50x"):
+        timing.judge_fn(Evidence({"answer": {**timed, "time_ratio": 1.0}}), None, ctx)
+    assert lab11.GPU_TIME_TOL < 0.5

@@ -56,3 +56,22 @@ WRONG = [
     Wrong("peak: MiB instead of GiB", P, in_mib, (PEAK,), r"GiB, not MiB"),
     Wrong("time: 1.0 for every recipe", T, time_always_one, (TIME,), r"twice the fp32 rate"),
 ]
+
+
+def asks_the_predictor(recipe, model, batch, seq):
+    """the graded model itself instead of arithmetic: right numbers, no understanding."""
+    from memopt_lib.bench import Row
+    from memopt_lib.predict import cost, predict_step
+    p = predict_step(cost.CARDS[24].gpu, model, batch, seq, row=Row(recipe.name, recipe), steps=2)
+    return p["peak_allocated_bytes"] / 2**30
+
+
+def asks_the_cost_model(recipe, model, batch, seq):
+    from memopt_lib.predict import cost
+    return cost.time_ratio(cost.CARDS[24], model, batch, seq, recipe)
+
+
+WRONG += [
+    Wrong("peak: calls the library's predictor", P, asks_the_predictor, (PEAK,), r"your own arithmetic"),
+    Wrong("time: calls the library's cost model", T, asks_the_cost_model, (TIME,), r"your own FLOP arithmetic"),
+]
