@@ -140,18 +140,31 @@ def test_gpu_judges_read_the_outside_meter_and_the_measured_times():
 
     def reading(gib):
         return MemoryReading(int(gib * 2**30), 2**29, "cuda-driver")
-    ok = fit.judge_fn(Evidence({"answer": _gpu_answer()}, reading(8.6)), None, ctx)
+    card = next(t for t in lab11.tasks(ctx.fork()) if t["model"] == "gpt2")["card_gb"]  # the judge's own draw
+    ok = fit.judge_fn(Evidence({"answer": _gpu_answer()}, reading(8.6)), None, ctx.fork())
     assert ok["used_GiB"] == 8.6
-    with pytest.raises(AssertionError, match="more than the 12 GiB card"):
-        fit.judge_fn(Evidence({"answer": _gpu_answer()}, reading(12.4)), None, ctx)
+    with pytest.raises(AssertionError, match=f"more than the {card} GiB card"):
+        fit.judge_fn(Evidence({"answer": _gpu_answer()}, reading(card + 0.4)), None, ctx.fork())
     with pytest.raises(AssertionError, match="checker error"):  # the child claims more than the driver saw
-        fit.judge_fn(Evidence({"answer": _gpu_answer()}, reading(7.0)), None, ctx)
+        fit.judge_fn(Evidence({"answer": _gpu_answer()}, reading(7.0)), None, ctx.fork())
     with pytest.raises(AssertionError, match="measured peak allocated"):
-        fit.judge_fn(Evidence({"answer": {**_gpu_answer(), "peak_gib": 3.0}}, reading(8.6)), None, ctx)
+        fit.judge_fn(Evidence({"answer": {**_gpu_answer(), "peak_gib": 3.0}}, reading(8.6)), None, ctx.fork())
     # in a notebook (in-process tracker): reserved + the stated CUDA context
-    assert fit.judge_fn(Evidence({"answer": _gpu_answer()}, MemoryReading(1, 0, "tracker")), None, ctx)["used_GiB"] == 8.5
+    assert fit.judge_fn(Evidence({"answer": _gpu_answer()}, MemoryReading(1, 0, "tracker")), None, ctx.fork())["used_GiB"] == 8.5
     timed = {**_gpu_answer(), "base": {"step_time_s": 0.1}}
-    assert timing.judge_fn(Evidence({"answer": timed}), None, ctx)["measured_time_ratio"] == 0.5
+    assert timing.judge_fn(Evidence({"answer": timed}), None, ctx.fork())["measured_time_ratio"] == 0.5
     with pytest.raises(AssertionError, match="measured 0.50x"):
-        timing.judge_fn(Evidence({"answer": {**timed, "time_ratio": 1.0}}), None, ctx)
+        timing.judge_fn(Evidence({"answer": {**timed, "time_ratio": 1.0}}), None, ctx.fork())
     assert lab11.GPU_TIME_TOL < 0.5
+
+
+def test_the_judges_use_the_tasks_they_draw_not_the_childs_copy():
+    from memopt_lib.checks import lab11_budget_design as lab11
+    from memopt_lib.checks.base import Evidence
+    ctx = CheckContext.here(seed=SEED)
+    drawn = lab11.tasks(ctx.fork())
+    forged = [{**t, "card_gb": 24, "batch": 1, "seq": 1, "peak_gib": 1.0} for t in drawn]
+    got = lab11.answers(Evidence({"answers": forged}), ctx.fork())
+    assert [(a["card_gb"], a["batch"], a["seq"]) for a in got] == [(t["card_gb"], t["batch"], t["seq"]) for t in drawn]
+    with pytest.raises(AssertionError, match="checker error"):
+        lab11.answers(Evidence({"answers": forged[:1]}), ctx.fork())
