@@ -16,7 +16,7 @@ from memopt_lib.recipe import FP32, Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-SEED = 2024
+SEED = 1234  # the seed of tests/test_lab_checks.py: the same tasks, so the judges' cached predictions are shared
 
 
 def test_flops_count_checkpointing_lora_and_extrapolate_layers():

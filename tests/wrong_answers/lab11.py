@@ -15,7 +15,7 @@ def no_technique(card_gb, model, batch, seq):
 def everything_on(card_gb, model, batch, seq):
     """every GPT-2 technique on every card: fits, but pays checkpointing where the card did not need it."""
     if model == "gpt2":
-        return Recipe("all on", precision="pure-bf16", checkpointing=True, micro_batches=8, optimizer="adamw_8bit")
+        return Recipe("all on", precision="pure-bf16", checkpointing=True, micro_batches=2, optimizer="adamw_8bit")
     return budget_design.design_recipe(card_gb, model, batch, seq)
 
 
