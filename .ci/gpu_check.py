@@ -74,16 +74,15 @@ def qlora_7b():
     return out
 
 
-GOALS = [("7b B1x512", "llama-7b", 1, 512), ("7b B8x512 one micro-batch", "llama-7b", 8, 512),
-         ("7b B1x2048", "llama-7b", 1, 2048), ("gpt2 B8x1024", "gpt2", 8, 1024)]
-
-
 def goals():
-    """Issue 11's table: the default stack (fp32 for GPT-2) vs memopt's recipe, same shapes, same protocol."""
+    """Issue 11's table: the default stack (fp32 for GPT-2) vs memopt's recipe, same shapes, same protocol.
+
+    The runs and the default stack are the predictor's (``python -m memopt_lib.predict goals``), so the
+    measured table and the predicted one line up row by row."""
+    from memopt_lib.predict.goals import GOALS, default_recipe
     out = {}
-    for label, model, b, s in GOALS:
-        base = R.QLORA_DEFAULT if model.startswith("llama") else R.FP32
-        for rc in (base, R.memopt_recipe(model)):
+    for label, model, b, s, _goal in GOALS:
+        for rc in (default_recipe(model), R.memopt_recipe(model)):
             key = f"{label} | {rc.name}"
             try:
                 c = R.compose(rc, model, "cuda")

@@ -97,7 +97,8 @@ LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
 
 def accumulate(model: torch.nn.Module, micro_batches: Sequence[dict], *, normalization: Normalization = "tokens",
                autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-               scaler: torch.amp.GradScaler | None = None, loss_fn: LossFn | None = None) -> AccumulationResult:
+               scaler: torch.amp.GradScaler | None = None, loss_fn: LossFn | None = None,
+               target_tokens: Sequence[int] | None = None) -> AccumulationResult:
     """Add the gradient of the window's loss to ``param.grad``, one micro-batch at a time.
 
     ``normalization="tokens"`` (the default, exact): every micro-batch's loss is
@@ -108,6 +109,10 @@ def accumulate(model: torch.nn.Module, micro_batches: Sequence[dict], *, normali
     ``loss_fn(model, micro_batch, num_items_in_batch)`` computes the token-normalized
     loss (default :func:`micro_batch_loss`, the model's own loss); a recipe passes
     another one here, e.g. :func:`memopt_lib.chunked_loss.chunked_loss_fn`.
+
+    ``target_tokens``: each micro-batch's target-token count, when the caller knows it without reading the
+    labels (an unpadded batch of ``r`` rows of ``T`` tokens has ``r * (T - 1)``; meta tensors, as the GPU
+    predictor runs them, have shapes but no values to count). Default: :func:`count_target_tokens`.
 
     Gradients are *added*: call ``optimizer.zero_grad(set_to_none=True)`` before
     and ``optimizer.step()`` after (see :func:`accumulation_step`).
@@ -122,7 +127,13 @@ def accumulate(model: torch.nn.Module, micro_batches: Sequence[dict], *, normali
     loss_fn = loss_fn or micro_batch_loss
     if loss_fn is not micro_batch_loss and normalization != "tokens":
         raise ValueError("a custom loss_fn is token-normalized by construction; use normalization='tokens'")
-    counts = [count_target_tokens(mb["labels"]) for mb in micro_batches]
+    if target_tokens is None:
+        counts = [count_target_tokens(mb["labels"]) for mb in micro_batches]
+    else:
+        counts = [int(n) for n in target_tokens]
+        if len(counts) != len(micro_batches) or min(counts) < 0:
+            raise ValueError(f"target_tokens must give one count >= 0 per micro-batch ({len(micro_batches)}), "
+                             f"got {list(target_tokens)}")
     total = sum(counts)
     if total == 0:
         raise ValueError("the window has no target tokens (all labels are -100)")
@@ -135,9 +146,14 @@ def accumulate(model: torch.nn.Module, micro_batches: Sequence[dict], *, normali
                 loss = model(**mb).loss / len(micro_batches)
         # backward right away: it frees this micro-batch's activations before the next forward
         scaler.scale(loss).backward()
-        window_loss += loss.item()
+        window_loss += _value(loss)
         del loss  # the graph is gone after backward; drop the handle before the next forward
     return AccumulationResult(window_loss, total, counts, normalization)
+
+
+def _value(loss: torch.Tensor) -> float:
+    """The loss as a float; a meta tensor (the GPU predictor's) has a shape but no value: NaN."""
+    return float("nan") if loss.device.type == "meta" else loss.item()
 
 
 def accumulation_step(model: torch.nn.Module, micro_batches: Sequence[dict], optimizer: torch.optim.Optimizer,

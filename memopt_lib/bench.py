@@ -53,6 +53,7 @@ LADDER = [
     _row("8-bit AdamW", optimizer="adamw_8bit"),
     _row("chunked cross-entropy", chunked_loss=True),
     _row("optimizer in backward", optimizer_in_backward=True),
+    _row("activation offloading", offload_activations=True),
     _row("autocast + ckpt", precision="amp", checkpointing=True),
     _row("autocast + 8-bit AdamW", precision="amp", optimizer="adamw_8bit"),
     _row("pure bf16 + ckpt + 8-bit AdamW", precision="pure-bf16", checkpointing=True, optimizer="adamw_8bit"),

@@ -39,11 +39,12 @@ BACKENDS = ("auto", "torch", "liger")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would run the lm_head matmul in (the input's dtype when autocast is off)."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
+    """The dtype the lm_head matmul runs in: asked of autocast itself, with an empty matmul.
+
+    An empty ``(0, 1) @ (1, 0)`` product allocates nothing and takes whatever dtype the active autocast (any
+    device's, or an emulation such as the GPU predictor's) gives a matmul; without autocast, ``x.dtype``.
+    """
+    return torch.matmul(x.new_empty((0, 1)), x.new_empty((1, 0))).dtype
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -83,9 +84,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             h, y = hidden[s:s + step].to(dtype), labels[s:s + step]
             # recompute this chunk's logits: d loss / d logits = softmax - onehot (zero for ignored rows)
             g = torch.softmax(_wide(h @ w.t()), dim=-1)
-            valid = y != ctx.ignore_index
-            g[valid, y[valid]] -= 1.0
-            g[~valid] = 0.0
+            valid = (y != ctx.ignore_index).unsqueeze(1)
+            # -1 at each valid row's label, then zero the ignored rows (no data-dependent indexing: the same
+            # kernels on any device, meta tensors included)
+            g.scatter_add_(1, y.clamp(min=0).unsqueeze(1), -valid.to(g.dtype))
+            g.masked_fill_(~valid, 0.0)
             g = (g * grad_total).to(dtype)
             if need_h:
                 grad_h[s:s + step] = (g @ w).to(hidden.dtype)

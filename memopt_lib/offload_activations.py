@@ -143,14 +143,7 @@ class OffloadActivations(saved_tensors_hooks):
         key, device = self._key, t.device
         streams = self._streams_for(device)
         if streams:
-            if self._side is None:
-                self._side = torch.cuda.Stream(device)
-            main = torch.cuda.current_stream(device)
-            self._retire_stash(main, keep=self.max_fwd_stash - 1)
-            self._side.wait_stream(main)  # the copy must see the finished tensor
-            with torch.cuda.stream(self._side):
-                host = self._host_copy(t, non_blocking=True)
-                event = self._side.record_event()
+            host, event = self._copy_out(t)
             self._fwd_stash[key] = (t, event)  # keep the device tensor alive until its copy is done
         else:
             host = self._host_copy(t, non_blocking=False)
@@ -161,6 +154,22 @@ class OffloadActivations(saved_tensors_hooks):
         weakref.finalize(packed, self._host_freed, nbytes)  # the graph dropped it: host memory is free
         return packed
 
+    def _copy_out(self, t: torch.Tensor):
+        """Start the device->host copy of ``t`` on the side stream; returns ``(host copy, its event)``."""
+        if self._side is None:
+            self._side = torch.cuda.Stream(t.device)
+        main = torch.cuda.current_stream(t.device)
+        self._retire_stash(keep=self.max_fwd_stash - 1)
+        self._side.wait_stream(main)  # the copy must see the finished tensor
+        with torch.cuda.stream(self._side):
+            host = self._host_copy(t, non_blocking=True)
+            event = self._side.record_event()
+        return host, event
+
+    def _wait(self, device: torch.device, event) -> None:
+        """The compute stream waits for a copy (a stashed block may be reused only after its copy)."""
+        torch.cuda.current_stream(device).wait_event(event)
+
     def _host_copy(self, t: torch.Tensor, non_blocking: bool) -> torch.Tensor:
         with host_memory(t.device):  # on a CPU: not device memory, as pinned memory is not on CUDA
             host = torch.empty_like(t, device="cpu", pin_memory=self.pin_memory)  # same strides if dense
@@ -170,12 +179,12 @@ class OffloadActivations(saved_tensors_hooks):
     def _host_freed(self, nbytes: int) -> None:
         self.stats.host_live_bytes -= nbytes
 
-    def _retire_stash(self, main_stream, keep: int) -> None:
+    def _retire_stash(self, keep: int) -> None:
         """Let go of stashed device tensors whose copies are done, keeping the newest ``keep``."""
         while len(self._fwd_stash) > keep:
             key = next(iter(self._fwd_stash))
-            _, event = self._fwd_stash.pop(key)
-            main_stream.wait_event(event)  # t (a main-stream block) may be reused only after its copy
+            t, event = self._fwd_stash.pop(key)
+            self._wait(t.device, event)  # t (a main-stream block) may be reused only after its copy
 
     # ------------------------------------------------------------------ backward: unpack
     def _unpack(self, packed: _Packed) -> torch.Tensor:
@@ -184,19 +193,23 @@ class OffloadActivations(saved_tensors_hooks):
         if packed.key in self._fwd_stash:  # the last tensors of forward are needed first: no round trip
             t, event = self._fwd_stash.pop(packed.key)
             # once backward drops t its block is reused on the main stream: the copy must be done by then
-            torch.cuda.current_stream(t.device).wait_event(event)
+            self._wait(t.device, event)
             return t
         nbytes = packed.host.numel() * packed.host.element_size()
         self.stats.to_device_bytes += nbytes
-        if self._streams_for(packed.device) and self._side is not None:
-            main = torch.cuda.current_stream(packed.device)
-            self._retire_stash(main, keep=0)  # backward reached older tensors: release the stash
-            with torch.cuda.stream(self._side):
-                out = packed.host.to(packed.device, non_blocking=True)
-            main.wait_stream(self._side)  # the gradient kernels run after the restore
-            out.record_stream(main)       # the allocator must not reuse it while main still reads it
-            return out
+        if self._streams_for(packed.device):
+            return self._copy_in(packed)
         return packed.host.to(packed.device, copy=True)  # a new device storage, counted by the tracker
+
+    def _copy_in(self, packed: _Packed) -> torch.Tensor:
+        """Restore on the side stream, ordered before the gradient kernels that read it."""
+        main = torch.cuda.current_stream(packed.device)
+        self._retire_stash(keep=0)  # backward reached older tensors: release the stash
+        with torch.cuda.stream(self._side):
+            out = packed.host.to(packed.device, non_blocking=True)
+        main.wait_stream(self._side)  # the gradient kernels run after the restore
+        out.record_stream(main)       # the allocator must not reuse it while main still reads it
+        return out
 
 
 def offload_activations(enabled: bool = True, **kwargs):

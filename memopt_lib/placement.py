@@ -67,26 +67,47 @@ class Int8Head(torch.nn.Module):
         self.dtype = head.weight.dtype
         self.in_features, self.out_features = head.in_features, head.out_features
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """The ``(vocab, hidden)`` weight in its original dtype: a transient tensor, freed by the caller."""
-        import bitsandbytes.functional as bnbf
-        return bnbf.int8_vectorwise_dequant(self.codes, self.scales).to(self.dtype)
+    def dequantized_weight(self, rows_per_block: int = 2048) -> torch.Tensor:
+        """The ``(vocab, hidden)`` weight in its original dtype: a transient tensor, freed by the caller.
+
+        The same values as bitsandbytes' ``int8_vectorwise_dequant`` (``codes * scale / 127`` in fp32, then
+        cast), computed ``rows_per_block`` rows at a time into the output: dequantizing the whole matrix at
+        once would hold two fp32 copies (2 x 0.49 GiB at 7B) beside the result, at the step's peak.
+        """
+        out = torch.empty(self.codes.shape, dtype=self.dtype, device=self.codes.device)
+        for i in range(0, self.codes.shape[0], rows_per_block):
+            block = self.codes[i:i + rows_per_block] * self.scales[i:i + rows_per_block].view(-1, 1)
+            out[i:i + rows_per_block] = block * 7.874015718698502e-3  # bitsandbytes' 1/127
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight().to(x.dtype))
 
 
 class HostEmbedding(torch.nn.Module):
-    """An embedding whose table lives in host memory; its output is moved to ``device``."""
+    """An embedding whose table lives in host memory; its output is moved to ``device``.
+
+    ``moved_bytes`` counts what crossed the host link (token ids down, looked-up rows up), for a cost model.
+    """
 
     def __init__(self, embedding: torch.nn.Embedding, device: torch.device | str):
         super().__init__()
-        self.inner = embedding.to("cpu")
+        self.inner = self.to_host(embedding)
         self.device = torch.device(device)
         self.weight = self.inner.weight  # transformers reads get_input_embeddings().weight (dtype, tying checks)
+        self.moved_bytes = 0
+
+    def to_host(self, embedding: torch.nn.Embedding) -> torch.nn.Embedding:
+        return embedding.to("cpu")
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of ``ids``, looked up on the host, copied to the device."""
+        return self.inner(ids.to("cpu")).to(self.device, non_blocking=True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.inner(ids.to("cpu")).to(self.device, non_blocking=True)
+        out = self.lookup(ids)
+        self.moved_bytes += ids.numel() * ids.element_size() + out.numel() * out.element_size()
+        return out
 
 
 def _tied(model) -> bool:
@@ -102,12 +123,14 @@ def _set_head(model, module) -> None:
 
 
 def place_vocab_matrices(model: torch.nn.Module, *, embedding: str = "keep", lm_head: str = "keep",
-                         device: torch.device | str | None = None) -> torch.nn.Module:
+                         device: torch.device | str | None = None,
+                         host_embedding: type = HostEmbedding) -> torch.nn.Module:
     """Apply a placement to the input embedding and the lm_head of a transformers causal LM; returns it.
 
     Call it on the base model *before* LoRA (peft wraps what it finds), after the model is frozen.
     ``device``: where the rest of the model runs (the host embedding sends its output there; default: the
-    embedding's current device).
+    embedding's current device). ``host_embedding``: the :class:`HostEmbedding` class to use (the GPU
+    predictor passes a subclass whose host tensors live outside its replayed GPU allocator).
     """
     if embedding not in EMBEDDING_PLACEMENTS:
         raise ValueError(f"embedding placement must be one of {EMBEDDING_PLACEMENTS}, got {embedding!r}")
@@ -134,7 +157,7 @@ def place_vocab_matrices(model: torch.nn.Module, *, embedding: str = "keep", lm_
     if embedding == "8bit":
         model.set_input_embeddings(Int8Embedding(emb))
     elif embedding == "host":
-        model.set_input_embeddings(HostEmbedding(emb, device))
+        model.set_input_embeddings(host_embedding(emb, device))
     if lm_head == "8bit":
         _set_head(model, Int8Head(head))
     return model

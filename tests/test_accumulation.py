@@ -55,6 +55,24 @@ def test_accumulation_equals_full_batch(tiny64, k):
     assert res.n_target_tokens == count_target_tokens(batch["labels"])
 
 
+def test_given_token_counts_weight_like_counted_ones(tiny64):
+    """A caller that knows the counts (unpadded rows: r x (T - 1); the GPU predictor's meta tensors) passes them."""
+    batch = random_batch(tiny64.config.vocab_size, 6, 16)
+    micro = split_batch(batch, 3)
+    res = accumulate(tiny64, micro)
+    counted = gradients(tiny64)
+    tiny64.zero_grad(set_to_none=True)
+    given = accumulate(tiny64, micro, target_tokens=[2 * 15] * 3)
+    assert given.tokens_per_micro_batch == res.tokens_per_micro_batch and given.loss == pytest.approx(res.loss)
+    assert gradient_error(gradients(tiny64), counted) < 1e-12
+    tiny64.zero_grad(set_to_none=True)
+    wrong = accumulate(tiny64, micro, target_tokens=[30, 30, 60])  # a wrong count weights its micro-batch wrong
+    assert wrong.loss != pytest.approx(res.loss)
+    tiny64.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="one count"):
+        accumulate(tiny64, micro, target_tokens=[30, 30])
+
+
 def test_seed_loss_over_k_is_wrong_with_padding_and_right_without(tiny64):
     padded = padded_batch(LENGTHS, tiny64.config.vocab_size)
     ref = full_batch_gradients(tiny64, padded)

@@ -27,7 +27,7 @@ def ladder(tmp_path_factory):
     js, png = out / "rows.json", out / "ladder.png"
     proc = _cli("--device", "cpu", "--model", "gpt2-tiny", "--batch", "4", "--seq", "16", "--steps", "1",
                 "--rows", "pure bf16,checkpointing,8-bit AdamW,accumulation 4x,chunked cross-entropy,optimizer in backward,"
-                "memopt recipe", "--cpu-bf16", "--json", str(js), "--plot", str(png))
+                "activation offloading,memopt recipe", "--cpu-bf16", "--json", str(js), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(js.read_text()), png
 
@@ -41,7 +41,7 @@ def test_cli_prints_a_table(ladder):
 
 def test_json_schema_and_baseline_first(ladder):
     _, rows, _ = ladder
-    assert isinstance(rows, list) and len(rows) == 8
+    assert isinstance(rows, list) and len(rows) == 9
     assert rows[0]["name"] == bench.BASELINE.name and rows[0]["ratio"] == 1.0
     for r in rows:
         assert {"name", "peak_allocated_bytes", "step_time_s", "device", "status", "reason", "ratio"} <= set(r)
@@ -64,6 +64,9 @@ def test_ratios_are_consistent_with_bytes(ladder):
     assert by_name["8-bit AdamW"]["breakdown_bytes"]["optimizer"] < 0.3 * rows[0]["breakdown_bytes"]["optimizer"]
     assert by_name["optimizer in backward"]["breakdown_bytes"]["gradients"] < 0.5 * rows[0]["breakdown_bytes"]["gradients"]
     assert by_name["memopt recipe"]["ratio"] < by_name["checkpointing"]["ratio"]
+    # offloaded activations wait in host memory, which the CPU tracker does not count as device memory
+    off = by_name["activation offloading"]
+    assert off["breakdown_bytes"]["activations"] < 0.5 * rows[0]["breakdown_bytes"]["activations"], off
 
 
 def test_rows_are_recipes_and_nothing_is_built_here():

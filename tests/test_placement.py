@@ -77,3 +77,23 @@ def test_errors_name_the_fix():
         place_vocab_matrices(trainable, embedding="8bit")
     with pytest.raises(ValueError, match="embedding placement"):
         place_vocab_matrices(trainable, embedding="disk")
+
+
+def test_8bit_head_dequantizes_like_bitsandbytes_without_fp32_copies():
+    """The same values as bnb's int8_vectorwise_dequant; at 7B's 32000 x 4096 no fp32 copy of the matrix."""
+    import bitsandbytes.functional as bnbf
+
+    from memopt_lib.predict import gpu
+    from memopt_lib.predict.replay import AllocatorReplay
+    head = Int8Head(torch.nn.Linear(64, 5000, bias=False).to(torch.bfloat16))
+    assert torch.equal(head.dequantized_weight(rows_per_block=1000),
+                       bnbf.int8_vectorwise_dequant(head.codes, head.scales).to(torch.bfloat16))
+    replay = AllocatorReplay(gpu("h200"))
+    with replay:
+        big = Int8Head(torch.nn.Linear(4096, 32000, bias=False, device="meta", dtype=torch.bfloat16))
+        before = replay.alloc.allocated_bytes
+        replay.alloc.reset_peak()
+        w = big.dequantized_weight()
+        transient = replay.alloc.peak_allocated_bytes - before
+    assert w.dtype == torch.bfloat16
+    assert transient <= 32000 * 4096 * 2 + 2 * 2048 * 4096 * 4 + (1 << 20)  # the result + one fp32 block's two

@@ -190,3 +190,118 @@ def test_every_h200_measurement_within_5_percent_never_2_under():
                     bad.append(f"{r['name']} [{what}]: predicted {r[what]['predicted_bytes'] / 2**30:.3f} GiB, "
                                f"measured {r[what]['measured_bytes'] / 2**30:.3f} GiB ({e:+.1%})")
     assert not bad, "\n".join(bad)
+
+
+# ------------------------------------------------------------------ techniques the recipe adds, against analytic bytes
+def _p(model, batch, seq, rc, **kw):
+    from memopt_lib.bench import Row
+    return predict_step("h200", model, batch, seq, Row(rc.name, rc), steps=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def gpt2_b4():
+    """gpt2-tiny (vocab 8192) at 4 x 256, fp32: the logits (32 MiB a copy) dominate the peak."""
+    from memopt_lib.recipe import FP32
+    return {"base": _p("gpt2-tiny", 4, 256, FP32),
+            "chunked": _p("gpt2-tiny", 4, 256, FP32.with_(name="c", chunked_loss=True, loss_chunk_tokens=256)),
+            "offload": _p("gpt2-tiny", 4, 256, FP32.with_(name="o", offload_activations=True))}
+
+
+def test_chunked_loss_removes_the_full_logits(gpt2_b4):
+    """The plain loss holds log_softmax's output, its gradient and the logits' gradient (3 copies of N x V fp32)
+    at its peak; the chunked one holds at most those of one chunk (256 of the 1024 tokens: 0.75 of a copy)."""
+    logits = 4 * 256 * 8192 * 4
+    removed = gpt2_b4["base"]["peak_allocated_bytes"] - gpt2_b4["chunked"]["peak_allocated_bytes"]
+    assert 2.0 * logits <= removed <= 3.0 * logits, removed / logits
+    # the price: the lm_head matmul again in backward (2 N H V FLOPs), nothing else
+    extra = gpt2_b4["chunked"]["flops"] - gpt2_b4["base"]["flops"]
+    assert extra == pytest.approx(2 * 4 * 256 * 128 * 8192, rel=0.02)
+    assert gpt2_b4["base"]["flops_by_dtype"] == {"float32": gpt2_b4["base"]["flops"]}  # fp32 recipe: fp32 kernels
+
+
+def test_activation_offloading_moves_what_a_cpu_run_moves(gpt2_b4):
+    """The predictor's offloaded bytes = what OffloadActivations moves in a real CPU step of the same recipe."""
+    from memopt_lib.recipe import FP32, compose
+    from memopt_lib.text import random_batch
+    rc = FP32.with_(name="o", offload_activations=True)
+    c = compose(rc, "gpt2-tiny", "cpu")
+    c.step(random_batch(c.model.config.vocab_size, 2, 64))
+    cpu = c.offload.stats.to_host_bytes
+    pred = _p("gpt2-tiny", 2, 64, rc)["host_transfer_breakdown"]
+    assert cpu > 0 and pred["activations_to_host"] == pytest.approx(cpu, rel=0.01)
+    assert 0 < pred["activations_to_device"] < pred["activations_to_host"]  # the stash's tensors come back free
+    off, base = gpt2_b4["offload"], gpt2_b4["base"]
+    assert off["breakdown_bytes"]["activations"] < 0.7 * base["breakdown_bytes"]["activations"]
+    assert off["peak_allocated_bytes"] < base["peak_allocated_bytes"] and base["host_transfer_bytes"] == 0
+
+
+def test_optimizer_in_backward_keeps_one_gradient():
+    """GPT-2 at 1 x 32 (the peak is the optimizer step): a plain step holds every gradient there; stepping in
+    backward frees each one as it is applied: at most two are alive -- the tied embedding's (its two contributions
+    are summed before its hook runs) and the one being stepped."""
+    from memopt_lib.models import meta_model
+    from memopt_lib.recipe import FP32
+    sizes = [round_size(p.numel() * 4) for p in meta_model("gpt2").parameters()]
+    base, oib = _p("gpt2", 1, 32, FP32), _p("gpt2", 1, 32, FP32.with_(name="o", optimizer_in_backward=True))
+    assert base["breakdown_bytes"]["gradients"] >= sum(sizes)
+    two = sorted(sizes)[-1] + sorted(sizes)[-2]
+    assert oib["breakdown_bytes"]["gradients"] <= two
+    assert base["peak_allocated_bytes"] - oib["peak_allocated_bytes"] >= sum(sizes) - two
+
+
+def test_vocab_placement_and_lean_preparation_bytes():
+    """llama-tiny (vocab 8192 x hidden 256, untied): each placement changes the device weights by its bytes."""
+    from memopt_lib.models import meta_model
+    from memopt_lib.recipe import QLORA_DEFAULT, QLORA_LEAN
+    V, H, B, S = 8192, 256, 2, 64
+    base = meta_model("llama-tiny")
+    not_4bit = sum(p.numel() for n, p in base.named_parameters() if ".self_attn." not in n and ".mlp." not in n)
+    w = {k: _p("llama-tiny", B, S, rc)["state_bytes"]["weights"] for k, rc in {
+        "default": QLORA_DEFAULT, "lean": QLORA_LEAN, "bf16": QLORA_DEFAULT.with_(embedding="bf16", lm_head="bf16"),
+        "8bit": QLORA_LEAN.with_(lm_head="8bit")}.items()}
+    host = _p("llama-tiny", B, S, QLORA_LEAN.with_(embedding="host"))
+    assert w["default"] - w["bf16"] == 2 * V * H * 2               # fp32 (peft's upcast) -> bf16, both matrices
+    assert w["default"] - w["lean"] == 2 * not_4bit                # lean keeps bf16: no upcast of anything
+    assert w["lean"] - w["8bit"] == V * H * 2 - (V * H + 4 * V)    # int8 codes + one fp32 scale per row
+    assert w["lean"] - host["state_bytes"]["weights"] == V * H * 2  # host tensors are not GPU memory
+    lean_peak = _p("llama-tiny", B, S, QLORA_LEAN)["peak_allocated_bytes"]
+    assert lean_peak - host["peak_allocated_bytes"] == pytest.approx(V * H * 2, rel=0.01)
+    assert host["host_transfer_breakdown"]["embedding"] == B * S * 8 + B * S * H * 2  # ids down, rows up
+
+
+def test_a_recipe_the_gpu_cannot_run_is_listed_with_the_reason():
+    """A T4 has no bf16: memopt's GPT-2 recipe would need fp16 + a GradScaler, which stepping in backward cannot use."""
+    rows = predict_ladder("t4", "gpt2-tiny", 2, 32, ["memopt recipe"])
+    assert rows[1]["status"] == "skipped" and "optimizer_in_backward=False" in rows[1]["reason"]
+
+
+def test_goals_table_predicted_and_committed(tmp_path, monkeypatch):
+    """The goals command: every run predicted twice (default, memopt), verdicts from the numbers, marked predicted."""
+    from memopt_lib.predict import goals
+    committed = json.loads((goals.Path(__file__).resolve().parents[1] / ".ci/predictions/goals-h200.json").read_text())
+    assert committed["predicted"] and committed["command"].startswith("python -m memopt_lib.predict goals")
+    assert [(r["run"], r["model"], r["batch"], r["seq"], r["goal_GiB"]) for r in committed["rows"]] == \
+        [tuple(g) for g in goals.GOALS]
+    b1 = committed["rows"][0]
+    assert b1["measured_default_GiB"] == pytest.approx(5.043, abs=0.01)  # the H200 anchor of the default at B1
+    monkeypatch.setattr(goals, "GOALS", [("tiny", "llama-tiny", 2, 64, 0.05)])
+    out = tmp_path / "g.json"
+    assert goals.main(["--gpu", "a100", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    r = doc["rows"][0]
+    assert doc["predicted"] and "--gpu a100" in doc["command"] and r["default"]["recipe"] == "QLoRA default"
+    assert r["memopt"]["peak_allocated_GiB"] < r["default"]["peak_allocated_GiB"]
+    assert r["meets_memory_goal"] == (r["memopt"]["peak_allocated_GiB"] <= 0.05)
+    assert r["flop_time_ratio"] == pytest.approx(r["memopt"]["flops"] / r["default"]["flops"]) and r["flop_time_ratio"] > 1
+    assert r["memopt"]["host_transfer_bytes"] > 0  # memopt's recipe keeps the embedding on the host
+
+
+def test_flops_count_forward_backward_and_recompute():
+    """gpt2-tiny (L=2, H=128, V=8192) at 2 x 64: per token and layer 24 H^2 multiply-adds x 2 in the linears,
+    4 B S^2 H in attention; backward = 2 x forward for matmuls, 10 B S^2 H for attention; the tied lm_head
+    2 N H V; checkpointing adds one more forward of the blocks."""
+    B, S, H, L, V = 2, 64, 128, 2, 8192
+    N = B * S
+    base, ckpt = (predict_step("h200", "gpt2-tiny", B, S, r, steps=2) for r in ("fp32 baseline", "checkpointing"))
+    assert base["flops"] == 3 * (L * 24 * N * H * H + 2 * N * H * V) + L * (4 + 10) * B * S * S * H
+    assert ckpt["flops"] - base["flops"] == L * (24 * N * H * H + 4 * B * S * S * H)

@@ -57,6 +57,7 @@ def _no_dropout(model):
     (dict(lm_head="host", lora_rank=4), "lm_head must be one of"),
     (dict(loss_chunk_tokens=0), "loss_chunk_tokens"),
     (dict(lr=0.0), "lr must be"),
+    (dict(offload_activations="yes"), "offload_activations must be True or False"),
 ])
 def test_invalid_recipes_say_the_fix(bad, fix):
     with pytest.raises(ValueError, match=fix):
@@ -90,7 +91,8 @@ def test_fp32_recipe_step_is_the_plain_step():
 
 @pytest.mark.parametrize("changes", [dict(micro_batches=3), dict(micro_batches=6, chunked_loss=True,
                                                                   loss_chunk_tokens=13),
-                                     dict(checkpointing=True, micro_batches=2)])
+                                     dict(checkpointing=True, micro_batches=2),
+                                     dict(offload_activations=True, checkpointing=True, micro_batches=2)])
 def test_accumulated_step_gives_the_full_batch_gradient(changes):
     """Token-normalized: uneven padded micro-batches add up to the full batch's gradient and loss."""
     c = R.compose(R.FP32.with_(**changes), "gpt2-tiny")
@@ -106,6 +108,10 @@ def test_accumulated_step_gives_the_full_batch_gradient(changes):
     assert gradient_error({names[i]: g for i, g in c.optimizer.grads.items()}, ref) < 1e-5
     assert c.last.n_target_tokens == count_target_tokens(batch["labels"])
     assert checkpointing_enabled(c.model) == changes.get("checkpointing", False)
+    if changes.get("offload_activations"):  # the step's context offloaded the checkpointed blocks' inputs
+        assert c.offload.stats.tensors_offloaded > 0 and c.offload.stats.to_device_bytes > 0
+    else:
+        assert c.offload is None
 
 
 def test_chunked_loss_and_optimizer_in_backward_compose_to_the_plain_update():

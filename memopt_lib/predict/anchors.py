@@ -90,7 +90,7 @@ def compare(cases: list[dict] | None = None, *, progress=None) -> list[dict]:
         model, batch, seq, row, opts = c["config"]
         key = (model, batch, seq, row if isinstance(row, str) else row.name, tuple(sorted(opts.items())))
         if key not in memo:
-            memo[key] = predict_step("h200", model, batch, seq, row, **opts)
+            memo[key] = predict_step("h200", model, batch, seq, row, count_flops=False, **opts)  # memory only
         p = memo[key]
         res = {"name": c["name"], "source": c["source"]}
         for what, pred in (("steady", p["peak_allocated_bytes"]), ("step1", p["peak_step1_bytes"]),

@@ -167,3 +167,17 @@ class AdamW8bitStandIn(torch.optim.Optimizer):
                     self._init_state(p, st)
                 st["step"] += 1  # the update itself is one in-place kernel per tensor: no new memory
         return None
+
+
+def _gemm_4bit_flops(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
+    """``A (M x K) @ dequantized B.T (K x N)``: 2 M N K, as for the ``F.linear`` it computes."""
+    k = a_shape[-1]
+    m = 1
+    for d in a_shape[:-1]:
+        m *= d
+    return 2 * m * k * int(shape_b[0])
+
+
+def flop_formulas() -> dict:
+    """``FlopCounterMode(custom_mapping=...)`` entries for bitsandbytes' ops (FlopCounterMode knows aten's)."""
+    return {torch.ops.bitsandbytes.gemm_4bit: _gemm_4bit_flops}  # keyed by op packet, as FlopCounterMode looks up

@@ -168,6 +168,9 @@ def step_time_s(c: Card, model_name: str, batch: int, seq: int, recipe, predicte
 
 def time_ratio(c: Card, model_name: str, batch: int, seq: int, recipe, predicted: dict | None = None) -> float:
     """Predicted step time of ``recipe`` / that of :func:`time_base` at the same model, batch and length."""
-    mine = step_time_s(c, model_name, batch, seq, recipe, predicted)["step_time_s"]
+    # both sides from one FLOP counter (step_flops): the predictor's ``flops`` also counts flash attention's
+    # backward recomputation (its GPU kernel), which step_flops (meta, no CUDA kernel choice) does not
+    same = {k: v for k, v in predicted.items() if k != "flops"} if predicted else None
+    mine = step_time_s(c, model_name, batch, seq, recipe, same)["step_time_s"]
     base = step_time_s(c, model_name, batch, seq, time_base(model_name))["step_time_s"]
     return mine / base

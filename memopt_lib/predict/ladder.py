@@ -44,13 +44,13 @@ def predict_ladder(gpu: str, model: str, batch: int, seq: int, rows: list[str] |
         t0 = time.perf_counter()
         try:
             p = predict_step(g, model, batch, seq, row, steps=steps)
-        except NotImplementedError as err:  # a recipe field the predictor does not model yet: listed, not dropped
+        except ValueError as err:  # compose refuses the recipe on this GPU (e.g. fp16 + optimizer in backward on a T4)
             out.append({"name": row.name, "device": f"predicted:{g.name}", "model": model, "batch": batch,
-                        "seq": seq, "status": "skipped", "reason": str(err), "peak_allocated_bytes": None,
-                        "peak_reserved_bytes": None, "device_used_bytes": None, "step_time_s": None, "ratio": None,
-                        "time_ratio": None, "breakdown_bytes": None, "trainable_params": None, "loss": None,
-                        "predicted_bytes": _predicted_bytes(row.recipe, cfg, batch, seq),
-                        "flags": row.recipe.to_dict(), "predicted": True})
+                        "seq": seq, "status": "skipped", "reason": f"cannot run on {g.name}: {err}",
+                        "peak_allocated_bytes": None, "peak_reserved_bytes": None, "device_used_bytes": None,
+                        "step_time_s": None, "ratio": None, "time_ratio": None, "breakdown_bytes": None,
+                        "trainable_params": None, "loss": None, "flags": row.recipe.to_dict(), "predicted": True,
+                        "predicted_bytes": _predicted_bytes(row.recipe, cfg, batch, seq)})
             continue
         r = {"name": row.name, "device": f"predicted:{g.name}", "model": model, "batch": batch, "seq": seq,
              "status": "ok", "reason": "predicted", "peak_allocated_bytes": p["peak_allocated_bytes"],
@@ -58,7 +58,8 @@ def predict_ladder(gpu: str, model: str, batch: int, seq: int, rows: list[str] |
              "ratio": None, "time_ratio": None, "breakdown_bytes": p["breakdown_bytes"],
              "trainable_params": p["trainable_params"], "predicted_bytes": _predicted_bytes(row.recipe, cfg, batch, seq),
              "flags": row.recipe.to_dict(), "loss": None, "predicted": True, "peak_step1_bytes": p["peak_step1_bytes"],
-             "sdpa_backends": p["sdpa_backends"], "predict_time_s": time.perf_counter() - t0}
+             "sdpa_backends": p["sdpa_backends"], "flops": p["flops"],
+             "host_transfer_bytes": p["host_transfer_bytes"], "predict_time_s": time.perf_counter() - t0}
         if p["peak_reserved_bytes"] > g.memory_bytes:
             r.update(status="oom", reason=f"predicted: needs {p['peak_reserved_bytes'] / 2**30:.1f} GiB reserved, "
                                           f"{g.name} has {g.memory_bytes / 2**30:.1f} GiB")

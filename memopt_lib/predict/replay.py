@@ -57,6 +57,7 @@ class AllocatorReplay(TorchDispatchMode):
         self.peak_phase = ""
         self._measuring = False
         self._sizes: dict[int, int] = {}       # serial -> block bytes (live)
+        self.host_keys: set[int] = set()       # storages that stand for host memory (never GPU bytes)
 
     # -------------------------------------------------------------- storages
     def register(self, t: torch.Tensor) -> int | None:
@@ -67,6 +68,8 @@ class AllocatorReplay(TorchDispatchMode):
         except (RuntimeError, NotImplementedError):
             return None
         key = st._cdata
+        if key in self.host_keys:
+            return None
         with self._lock:
             e = self._live.get(key)
             if e is not None:
@@ -119,6 +122,10 @@ class AllocatorReplay(TorchDispatchMode):
 
     def stop_measuring(self):
         self._measuring = False
+
+    def mark_host(self, t: torch.Tensor) -> None:
+        """``t`` (made under :meth:`untracked`) lives in host memory: never counted, even when tagged."""
+        self.host_keys.add(t.untyped_storage()._cdata)
 
     @contextlib.contextmanager
     def untracked(self):

@@ -1,37 +1,39 @@
 """One training step of a course configuration, run on meta tensors and replayed as CUDA would run it.
 
-The step is the bench's, i.e. :meth:`memopt_lib.recipe.Composed.step` (zero_grad(set_to_none), a forward per
-micro-batch under the row's autocast, ``scaler.scale(loss).backward()``, ``scaler.step``; the loss scale,
-token-normalized there, does not change memory, and counting tokens is impossible on meta tensors, so
-:func:`_meta_step` divides by the number of micro-batches), on a model built the way
-:func:`memopt_lib.recipe.compose` builds the row's :class:`~memopt_lib.recipe.Recipe` -- ``use_cache`` off, Hugging Face
-checkpointing (non-reentrant) or ``prepare_model_for_kbit_training``, peft LoRA r=16 alpha=32 dropout
-0.05 on the bench's targets, ``model.train()`` -- except that the weights are born on the meta device
-from the model's config (no checkpoint is read; a 7B costs nothing) and then "moved to the GPU" in the
-order ``model.to("cuda")`` moves them, so the allocator sees the same sequence of allocations.
+The step is the bench's: the row's :class:`~memopt_lib.recipe.Recipe` is built by
+:func:`memopt_lib.recipe.compose` on :class:`~memopt_lib.predict.target.MetaGPU` (a meta-born model
+"moved to the GPU", bitsandbytes stand-ins, host memory outside the allocator: see that module) and
+:meth:`memopt_lib.recipe.Composed.step` runs it -- ``zero_grad(set_to_none)``, per micro-batch the
+recipe's context (autocast, activation offloading) around its loss (the model's own or the chunked one,
+token-normalized), ``scaler.scale(loss).backward()``, ``scaler.step``. Meta tensors have no values, so
+the batch's target-token counts are given (``rows x (seq - 1)``: the batch is unpadded) instead of
+counted.
 
-What is modelled rather than run (each is documented where it is built):
+What the batch does differently from the bench's: its all-ones ``attention_mask`` is allocated like the
+bench's but not passed to the model: transformers' ``sdpa_mask`` drops an all-ones mask on a GPU
+(``_ignore_causal_mask_sdpa``), which on meta tensors it cannot check. Likewise transformers'
+``find_packed_sequence_indices`` (does the batch pack several sequences per row?) reads position ids;
+the bench's rows are one sequence each, so the predictor answers ``None`` (not packed) as the GPU
+computes it.
 
-* bitsandbytes 4-bit weights and its 4-bit matmul -> :mod:`memopt_lib.predict.bnb4bit`;
-* bitsandbytes' 8-bit (and paged) AdamW -> :class:`memopt_lib.predict.bnb4bit.AdamW8bitStandIn`;
-* ``GradScaler``: disabled (on meta it cannot run); a real one adds a few 512-byte scalars;
-* the batch's all-ones ``attention_mask`` is allocated like the bench's but not passed to the model:
-  transformers' ``sdpa_mask`` drops an all-ones mask on a GPU (``_ignore_causal_mask_sdpa``), which on
-  meta tensors it cannot check. Likewise transformers' ``find_packed_sequence_indices`` (does the batch
-  pack several sequences per row?) reads position ids; the bench's rows are one sequence each, so the
-  predictor answers ``None`` (not packed) as the GPU computes it.
+Besides memory, the steady step is counted (:func:`predict_step`'s ``flops`` and ``host_transfer_bytes``):
+the formulas of ``torch.utils.flop_counter`` (:class:`FlopCount`) count the matmuls and attention of forward, backward and
+checkpointing's recomputation as they run on meta (bitsandbytes' 4-bit matmul ``gemm_4bit`` as the
+``2 M N K`` of the product it computes), and the host link's bytes are those the
+offloading hooks and the host embedding move.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .allocator import CachingAllocator
 from .gpus import GPU, gpu as get_gpu
-from .cuda_semantics import _CACHE, CudaSemantics, cuda_autocast
+from .cuda_semantics import _CACHE, CudaSemantics
 from .replay import AllocatorReplay
 
 GiB = float(1 << 30)
@@ -45,6 +47,7 @@ class StepOptions:
     attn: str = "sdpa"               # attn_implementation: "sdpa" or "eager" (the math path)
     amp_dtype: str | None = None     # autocast dtype; None: bf16 where native, else fp16 (memopt's rule)
     steps: int = 3                   # steps replayed; the last one is the steady state
+    count_flops: bool = True         # count the steady step's FLOPs (a dispatch mode more: slower)
 
     def __post_init__(self):
         if self.optimizer not in ("foreach", "fused"):
@@ -85,101 +88,12 @@ def _patch_if_present(target: str, new):
     return mock.patch(target, new) if present else contextlib.nullcontext()
 
 
-def _move_to_gpu(model: torch.nn.Module) -> None:
-    """``model.to("cuda")``: one new storage per parameter/buffer, in ``Module._apply`` order."""
-    done: set[int] = set()
-
-    def fn(t):
-        key = t.untyped_storage()._cdata
-        if key in done:  # a tied weight is moved once
-            return t
-        out = torch.empty_like(t)
-        done.add(out.untyped_storage()._cdata)
-        return out
-    model._apply(fn)
-
-
-def _flags(rc):
-    """The recipe fields this predictor models, as flags; a clear error for the ones it does not model yet."""
-    from types import SimpleNamespace
-    missing = [what for what, on in (("chunked_loss", rc.chunked_loss), ("optimizer_in_backward", rc.optimizer_in_backward),
-                                      ("embedding/lm_head placement", (rc.embedding, rc.lm_head) != ("keep", "keep")),
-                                      ("lean 4-bit preparation", bool(rc.quantization) and rc.prepare == "lean"))
-               if on]
-    if missing:
-        raise NotImplementedError(f"the predictor does not model {', '.join(missing)} yet (recipe {rc.name!r})")
-    return SimpleNamespace(name=rc.name, amp=rc.precision in ("amp", "auto"), pure_bf16=rc.precision == "pure-bf16",
-                           ckpt=rc.checkpointing, accum=rc.micro_batches, lora=rc.lora_rank > 0,
-                           opt8bit="8bit" in rc.optimizer, quant4=rc.quantization,
-                           paged=rc.optimizer == "paged_adamw_8bit")
-
-
-def _meta_step(model, opt, autocast, scaler, micro_batches):
-    """The step's memory behaviour on meta tensors (see the module docstring for the loss scale)."""
-    def step():
-        opt.zero_grad(set_to_none=True)  # frees last step's gradients before the forward
-        for mb in micro_batches:
-            with autocast():
-                loss = model(**mb).loss / len(micro_batches)
-            scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        return loss.detach()
-    return step
-
-
-def _build(row, model_name: str, g: GPU, opts: StepOptions, replay: AllocatorReplay):
-    from transformers import AutoModelForCausalLM
-
-    from ..checkpointing import enable_checkpointing
-    from ..lora import DEFAULT_TARGETS as LORA_TARGETS
-    from ..lora import apply_lora
-    from ..models import model_config, name_the_loss, spec
-    row = _flags(row.recipe)
-    family = spec(model_name).family
-    cfg = model_config(model_name)
-    cfg.use_cache = False  # a KV cache is for generation; in training it only costs memory
-    if opts.attn == "eager":
-        cfg._attn_implementation = "eager"
-    adt = getattr(torch, opts.amp_dtype) if opts.amp_dtype else (torch.bfloat16 if g.native_bf16 else torch.float16)
-    dtype = torch.bfloat16 if (row.pure_bf16 or row.quant4) else torch.float32
-    with replay.untracked(), torch.device("meta"):
-        model = name_the_loss(AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=opts.attn))
-    model.config.use_cache = False
-    if row.quant4:
-        from .bnb4bit import quantize_to_4bit
-        quantize_to_4bit(model, double_quant=row.quant4 == "nf4-dq", compute_dtype=adt, replay=replay)
-    else:
-        _move_to_gpu(model)
-    if row.quant4:
-        from peft import prepare_model_for_kbit_training
-        # upcasts embeddings, lm_head and norms to fp32 (+0.49 GiB at 7B, see the H200 anchors)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=row.ckpt,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-        replay.alloc.empty_cache()  # prepare_model_for_kbit_training calls torch.cuda.empty_cache() on a GPU
-    elif row.ckpt:
-        enable_checkpointing(model, use_reentrant=False)
-    if row.lora or row.quant4:
-        model = apply_lora(model, r=16, alpha=32, targets=list(LORA_TARGETS[family]), dropout=0.05)
-    model.train()  # HF checkpointing is silently off in eval mode
-    params = [p for p in model.parameters() if p.requires_grad]
-    if row.opt8bit:
-        from .bnb4bit import AdamW8bitStandIn
-        opt = AdamW8bitStandIn(params, lr=1e-4, paged=row.paged, replay=replay)
-    else:
-        kw = {"fused": True} if opts.optimizer == "fused" else {"foreach": True}
-        opt = torch.optim.AdamW(params, lr=1e-4, **kw)
-    autocast = (lambda: cuda_autocast(adt)) if (row.amp or row.quant4) else contextlib.nullcontext
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return model, opt, autocast, scaler, cfg
-
-
 def predict_step(gpu: str | GPU = "h200", model: str = "gpt2", batch: int = 8, seq: int = 512,
                  row="fp32 baseline", **options) -> dict:
     """Predict one training step's CUDA memory: peak allocated and reserved bytes, with a breakdown.
 
     ``row`` is a :class:`memopt_lib.bench.Row` or the name of one of the bench's rows. ``options`` are
-    :class:`StepOptions` fields (``optimizer``, ``attn``, ``amp_dtype``, ``steps``). The step is
+    :class:`StepOptions` fields (``optimizer``, ``attn``, ``amp_dtype``, ``steps``, ``count_flops``). The step is
     replayed ``steps`` times; returned:
 
     * ``peak_allocated_bytes`` -- the last (steady-state) step's ``max_memory_allocated``;
@@ -189,7 +103,15 @@ def predict_step(gpu: str | GPU = "h200", model: str = "gpt2", batch: int = 8, s
     * ``breakdown_bytes`` -- what was alive at the peak (weights, gradients, optimizer, activations,
       temporaries; ``workspaces`` = cuBLAS), each block counted at its allocator size;
     * ``state_bytes`` -- weights / optimizer state bytes as tensors (unrounded);
-    * ``sdpa_backends`` -- attention kernels chosen, with counts.
+    * ``sdpa_backends`` -- attention kernels chosen, with counts;
+    * ``flops`` -- floating-point operations of the steady step (``FlopCounterMode``: matmuls and
+      attention of forward, backward and checkpointing's recomputation; 2 per multiply-add; ``None`` with
+      ``count_flops=False``);
+      ``flops_by_dtype`` splits them by the dtype each kernel produced (bf16 tensor-core matmuls run
+      several times faster than fp32 ones: a time model weights them differently);
+    * ``host_transfer_bytes`` -- bytes the steady step moves between host and GPU (offloaded activations
+      down and back, the host embedding's ids and rows; ``host_transfer_breakdown`` splits them); paged
+      optimizer states move only under memory pressure and are not counted.
     """
     from ..bench import Row, rows_for
     from ..models import spec
@@ -223,16 +145,22 @@ def predict_step(gpu: str | GPU = "h200", model: str = "gpt2", batch: int = 8, s
 
 def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, replay: AllocatorReplay,
          sem: CudaSemantics) -> dict:
-    """Build, replay ``opts.steps`` steps, and read the allocator (see :func:`predict_step`)."""
+    """Compose, replay ``opts.steps`` steps, and read the allocator (see :func:`predict_step`)."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    from ..recipe import compose
+    from .target import MetaGPU
     peaks = []
+    target = MetaGPU(g, replay, attn=opts.attn, optimizer=opts.optimizer,
+                     amp_dtype=getattr(torch, opts.amp_dtype) if opts.amp_dtype else None)
     # fused AdamW checks for a GPU-like device; its meta kernel allocates exactly what the CUDA one does
     # (two moment buffers, a device-side step counter per tensor, no temporaries)
     with _patch_if_present("torch.optim.adam._device_dtype_check_for_fused", lambda p, cuda_unsupported=False: None), \
             _patch_if_present("transformers.masking_utils.find_packed_sequence_indices", lambda position_ids: None), \
             _autocast_cache_cleared_with_torch(), sem, replay, torch.autograd.graph.saved_tensors_hooks(
             replay.pack_hook, lambda x: x):
-        m, opt, autocast, scaler, cfg = _build(row, model, g, opts, replay)
+        c = compose(row.recipe, model, target)
+        m = c.model
         h1 = register_optimizer_step_pre_hook(
             lambda o, a, k: replay.tag(replay.grads, [p.grad for p in m.parameters() if p.grad is not None]))
         h2 = register_optimizer_step_post_hook(
@@ -244,20 +172,29 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
             data = {"input_ids": ids, "labels": ids.clone()}
             mask = torch.empty_like(ids)  # noqa: F841 -- allocated as the bench's batch is (see module doc)
             k = min(row.recipe.micro_batches, batch)
-            micro = [{key: v[i::k] for key, v in data.items()} for i in range(k)]
-            step = _meta_step(m, opt, autocast, scaler, micro)
-            reserved_run = 0
+            tokens = [len(r) * (seq - 1) for r in torch.arange(batch).tensor_split(k)]  # unpadded rows
+            reserved_run, flops, flops_by_dtype, moved = 0, None, None, {}
             for i in range(opts.steps):
-                if i == opts.steps - 1:
+                last = i == opts.steps - 1
+                if last:
                     gc.collect()
                     reserved_run = replay.alloc.peak_reserved_bytes
                     replay.alloc.empty_cache()  # the bench's settle(): empty_cache + reset_peak_memory_stats
+                    before = _host_bytes(m, target)
+                counter = FlopCount() if last and opts.count_flops else contextlib.nullcontext()
                 replay.start_measuring()
-                step()
+                with counter:
+                    c.step(data, target_tokens=tokens)
                 replay.stop_measuring()
+                if last:
+                    if opts.count_flops:
+                        flops, flops_by_dtype = counter.total, dict(counter.by_dtype)
+                    moved = {k: v - before[k] for k, v in _host_bytes(m, target).items()}
                 peaks.append((replay.alloc.peak_allocated_bytes, replay.alloc.peak_reserved_bytes,
                               dict(replay.peak_sizes), replay.peak_phase))
-            weights = sum(_storage_bytes(t) for t in _unique(list(m.parameters()) + list(m.buffers())))
+            opt = c.optimizer
+            weights = sum(_storage_bytes(t) for t in _unique(list(m.parameters()) + list(m.buffers()))
+                          if t.untyped_storage()._cdata not in replay.host_keys)
             opt_bytes = sum(_storage_bytes(t) for t in _unique(
                 t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)
                 and t.device.type == "meta"))
@@ -272,7 +209,51 @@ def _run(g: GPU, model: str, batch: int, seq: int, row, opts: StepOptions, repla
             "peak_reserved_bytes": reserved, "max_reserved_bytes": max(reserved_run, reserved),
             "peak_phase": phase, "breakdown_bytes": replay.breakdown(sizes),
             "state_bytes": {"weights": weights, "optimizer": opt_bytes}, "trainable_params": trainable,
+            "flops": flops, "flops_by_dtype": flops_by_dtype,
+            "host_transfer_bytes": sum(moved.values()), "host_transfer_breakdown": moved,
             "sdpa_backends": dict(sem.sdpa_backends), "predicted": True}
+
+
+class FlopCount(TorchDispatchMode):
+    """``FlopCounterMode``'s formulas (``torch.utils.flop_counter.flop_registry``), and nothing else.
+
+    ``FlopCounterMode`` itself is not used in the measured step: its module tracker (hooks on every module's
+    inputs and outputs, for the per-module table) keeps tensors alive that non-reentrant checkpointing would
+    free -- measured here: GPT-2 B8 x 512 with checkpointing predicted 4.97 GiB instead of 3.93. This mode
+    only looks each op up in the same registry (plus bitsandbytes' 4-bit matmul) after running it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry, shape_wrapper
+        self.registry = dict(flop_registry)
+        try:
+            from .bnb4bit import flop_formulas
+            self.registry.update({k: shape_wrapper(v) for k, v in flop_formulas().items()})
+        except (ImportError, AttributeError):  # no bitsandbytes: no 4-bit recipe runs either
+            pass
+        self.total = 0
+        self.by_dtype: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.registry.get(func._overloadpacket)
+        if formula is not None:
+            n = int(formula(*args, **kwargs, out_val=out))
+            self.total += n
+            first = out if isinstance(out, torch.Tensor) else next(
+                (t for t in (out if isinstance(out, (tuple, list)) else ()) if isinstance(t, torch.Tensor)), None)
+            key = str(first.dtype).removeprefix("torch.") if first is not None else "unknown"
+            self.by_dtype[key] = self.by_dtype.get(key, 0) + n  # the dtype a kernel runs in sets its speed
+        return out
+
+
+def _host_bytes(model, target) -> dict[str, int]:
+    """Bytes over the host link so far: activation offloading (each way) and host embeddings' copies."""
+    return {"activations_to_host": sum(o.stats.to_host_bytes for o in target.offloaders),
+            "activations_to_device": sum(o.stats.to_device_bytes for o in target.offloaders),
+            "embedding": sum(getattr(mod, "moved_bytes", 0) for mod in model.modules())}
 
 
 def _unique(tensors):
