@@ -1,0 +1,53 @@
+"""The saved-tensor instrument: what a frozen layer, a LoRA model and a checkpointed block keep for backward."""
+import copy
+
+import pytest
+import torch
+
+from memopt_lib.checkpointing import checkpoint_blocks
+from memopt_lib.models import load_model
+from memopt_lib.profiler import saved_for_backward
+from memopt_lib.text import random_batch
+
+
+def _linear_saves(frozen: bool) -> int:
+    lin = torch.nn.Linear(64, 32)
+    lin.requires_grad_(not frozen)
+    x = torch.randn(16, 64, requires_grad=True)
+    return saved_for_backward(lin, lambda: lin(x)).total_bytes
+
+
+def test_a_frozen_linear_saves_no_input_a_trainable_one_saves_it():
+    assert _linear_saves(frozen=True) == 0              # only the weight, for dL/dx: alive anyway, not counted
+    assert _linear_saves(frozen=False) == 16 * 64 * 4   # its input, for dL/dW
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = load_model("gpt2-tiny", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return model, random_batch(model.config.vocab_size, 2, 64)
+
+
+def test_lora_saves_less_because_frozen_layers_keep_no_input(tiny):
+    from memopt_lib.lora import apply_lora
+    model, batch = tiny
+    full = saved_for_backward(model, lambda: model(**batch).loss).by_kind()
+    lora_model = apply_lora(copy.deepcopy(model), r=4, targets=["c_attn"], dropout=0.0)
+    lora = saved_for_backward(lora_model, lambda: lora_model(**batch).loss).by_kind()
+    assert full["transformer.h.mlp.c_fc"] > 0 and full["transformer.h.mlp.c_proj"] > 0
+    assert lora.get("transformer.h.mlp.c_fc", 0) == 0 and lora.get("transformer.h.mlp.c_proj", 0) == 0
+    assert 0 < sum(lora.values()) < sum(full.values())
+
+
+def test_a_checkpointed_block_saves_nothing_through_autograd(tiny):
+    model, batch = tiny
+    ckpt = checkpoint_blocks(copy.deepcopy(model), every=1)
+    plain = saved_for_backward(model, lambda: model(**batch).loss).by_kind()
+    wrapped = saved_for_backward(ckpt, lambda: ckpt(**batch).loss).by_kind()
+    assert sum(v for k, v in plain.items() if ".h." in k) > 0
+    assert sum(v for k, v in wrapped.items() if ".h." in k) == 0
+
+
+def test_a_non_callable_is_refused(tiny):
+    with pytest.raises(TypeError, match="callable"):
+        saved_for_backward(tiny[0], tiny[1])
