@@ -46,6 +46,25 @@ def anchor_for(model: str, batch: int, seq: int, row) -> dict | None:
     return {"name": best["name"], "source": best["source"], "peak_allocated_bytes": best["measured"]["steady"]}
 
 
+def bench_record(row: str, model: str = "gpt2", batch: int = 8, seq: int = 512) -> dict | None:
+    """The bench's own H200 run of one row (``.ci/gpu_results/h200-bench-gpt2.json``), with its breakdown.
+
+    ``breakdown_bytes`` there is what was alive at the measured peak (``weights``, ``gradients``,
+    ``optimizer``, ``activations``, ``temporaries``, ``unattributed``). ``None`` if the file or row is absent.
+    """
+    import json
+
+    from .predict.anchors import repo_root
+    path = repo_root() / ".ci" / "gpu_results" / "h200-bench-gpt2.json"
+    if not path.exists():
+        return None
+    for r in json.loads(path.read_text()):
+        if (r.get("status") == "ok" and r["name"].lower() == row.lower()
+                and (r["model"], r["batch"], r["seq"]) == (model, batch, seq)):
+            return r
+    return None
+
+
 def forecast(gpu: str, rows: Iterable, *, model: str = "gpt2", shapes: Iterable[tuple[int, int]] | None = None,
              steps: int = 2) -> list[dict]:
     """Predict each of ``rows`` at each shape on ``gpu``; one dict per (shape, row), plain data.

@@ -1,7 +1,7 @@
 """The labs' "at the course's real shapes" helper: predictions for a named GPU, the H200 record beside them."""
 import pytest
 
-from memopt_lib.forecast import anchor_for, forecast, format_forecast
+from memopt_lib.forecast import anchor_for, bench_record, forecast, format_forecast
 
 
 def test_anchor_for_finds_the_benchs_own_record_and_nothing_it_lacks():
@@ -24,3 +24,10 @@ def test_forecast_is_plain_data_relative_to_the_first_row_and_printable():
 def test_forecast_needs_rows():
     with pytest.raises(ValueError, match="rows is empty"):
         forecast("h200", [])
+
+
+def test_bench_record_carries_the_breakdown_at_the_peak():
+    full, lora = bench_record("fp32 baseline"), bench_record("LoRA r16")
+    assert full["breakdown_bytes"]["gradients"] == 0  # the fp32 peak is before any gradient exists
+    assert lora["breakdown_bytes"]["activations"] < full["breakdown_bytes"]["activations"]
+    assert bench_record("no such row") is None
