@@ -11,12 +11,12 @@ What it shows that a peak cannot:
 * A frozen ``Linear``/``Conv1D`` (``requires_grad=False`` weight) saves **no input**: ``addmm``/``mm``
   saves its input only to compute the weight's gradient. So LoRA, which freezes the base layers, removes
   those saved inputs -- its activations fall (GPT-2 on an H200: the bench's ``LoRA r16`` row).
-* A block wrapped in non-reentrant ``torch.utils.checkpoint`` saves **nothing** through autograd: the
-  checkpoint installs its own hooks inside the block, which store a placeholder and let the tensor go; it
-  holds the block's *inputs* by reference to run the forward again in backward.
+* A block wrapped in non-reentrant ``torch.utils.checkpoint`` saves **only its inputs** (torch saves them
+  through autograd, ``_NoopSaveInputs``, to run the forward again in backward); inside it the checkpoint
+  installs its own hooks, which store a placeholder and let every other tensor go.
 
 It measures saved tensors only -- not the logits or other temporaries alive at the peak, and not
-tensors kept by reference (like a checkpoint's inputs): that is what :func:`memopt_lib.profiler.measure`
+tensors kept alive by Python references: that is what :func:`memopt_lib.profiler.measure`
 and :func:`memopt_lib.checkpointing.block_kept_bytes` are for.
 """
 from __future__ import annotations
