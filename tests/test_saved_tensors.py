@@ -55,3 +55,14 @@ def test_a_checkpointed_block_saves_only_its_input(tiny):
 def test_a_non_callable_is_refused(tiny):
     with pytest.raises(TypeError, match="callable"):
         saved_for_backward(tiny[0], tiny[1])
+
+
+def test_an_output_saved_by_its_own_op_is_freed_with_the_result():
+    import weakref
+    x = torch.randn(64, requires_grad=True)
+    probe = torch.nn.Identity()
+    res = saved_for_backward(probe, lambda: torch.exp(probe(x)))  # exp saves its output for backward
+    assert res.total_bytes == 64 * 4
+    alive = weakref.ref(res.result)
+    del res
+    assert alive() is None  # no output -> grad_fn -> saved output cycle keeps it (or its graph) alive

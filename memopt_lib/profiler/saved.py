@@ -35,7 +35,7 @@ class SavedTensors:
 
     by_module: dict[str, int] = field(default_factory=dict)
     saves: int = 0           # pack calls, including repeats of a storage already counted
-    result: object = None    # what the measured call returned
+    result: object = None    # what the measured call returned (it holds the graph: drop it when done)
 
     @property
     def total_bytes(self) -> int:
@@ -66,7 +66,10 @@ def saved_for_backward(model: torch.nn.Module, fn) -> SavedTensors:
         raise TypeError(f"fn must be a callable that runs a forward, got {type(fn).__name__}")
     known = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     stack = [OUTSIDE]
-    out = SavedTensors()
+    # the graph keeps the hooks (each saved tensor holds its pack/unpack pair), so ``pack`` must not reach
+    # the result: it writes into these two containers only, never into the returned object
+    by_module: dict[str, int] = {}
+    counts = {"saves": 0}
     seen: set[int] = set()
 
     def pre(name):
@@ -83,18 +86,20 @@ def saved_for_backward(model: torch.nn.Module, fn) -> SavedTensors:
         handles.append(m.register_forward_hook(post))
 
     def pack(t: torch.Tensor):
-        out.saves += 1
+        counts["saves"] += 1
         storage = t.untyped_storage()
         key = storage.data_ptr()
         if key not in known and key not in seen and storage.nbytes():
             seen.add(key)
-            out.by_module[stack[-1]] = out.by_module.get(stack[-1], 0) + storage.nbytes()
-        return t
+            by_module[stack[-1]] = by_module.get(stack[-1], 0) + storage.nbytes()
+        # a detached alias (same storage, no copy): returning ``t`` itself would make a reference cycle
+        # (output -> grad_fn -> saved output) that keeps the whole graph alive until the garbage collector runs
+        return t.detach()
 
     try:
         with torch.enable_grad(), saved_tensors_hooks(pack, lambda t: t):
-            out.result = fn()
+            result = fn()
     finally:
         for h in handles:
             h.remove()
-    return out
+    return SavedTensors(by_module, counts["saves"], result)
