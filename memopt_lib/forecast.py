@@ -105,8 +105,8 @@ def format_forecast(results: list[dict]) -> str:
         return "(nothing predicted)"
     g = results[0]["gpu"]
     lines = [f"predicted on {g} ({results[0]['gpu_memory_bytes'] / GiB:.1f} GiB), meta tensors, not measured:",
-             f"  {'model':<9}{'shape':>10}  {'row':<26}{'peak alloc':>11}{'vs 1st':>8}{'reserved':>10}"
-             f"{'fits':>6}  largest part at the peak   H200 measured"]
+             f"  {'model':<9}{'shape':>10}  {'row':<26}{'peak alloc':>11}{'vs 1st':>8}{'reserved':>12}"
+             f"{'fits':>5}  largest part at the peak   H200 measured"]
     for r in results:
         bd = r["breakdown_bytes"]
         big = max(bd, key=bd.get)
@@ -115,7 +115,7 @@ def format_forecast(results: list[dict]) -> str:
                   if a else "-")
         lines.append(f"  {r['model']:<9}{str(r['batch']) + ' x ' + str(r['seq']):>10}  {r['row']:<26}"
                      f"{r['peak_allocated_bytes'] / GiB:>7.2f} GiB{r['vs_first']:>7.2f}x"
-                     f"{r['peak_reserved_bytes'] / GiB:>6.2f} GiB{'yes' if r['fits'] else 'NO':>6}  "
+                     f"{r['peak_reserved_bytes'] / GiB:>8.2f} GiB{'yes' if r['fits'] else 'NO':>5}  "
                      f"{big} {100 * bd[big] / r['peak_allocated_bytes']:.0f} %{'':<{max(0, 15 - len(big))}}{anchor}")
     lines.append("  (vs 1st: the peak over the first row's at the same shape; H200 measured: the repository's "
                  "record of the same step, with the prediction's error)")
