@@ -248,3 +248,58 @@ def amp_train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.O
     scaler.step(optimizer)         # unscales first; skips the step on inf/NaN gradients
     scaler.update()
     return loss.item()
+
+
+# ------------------------------------------------------------------ what emulated bf16 costs
+_BF16_PROBE = r"""
+import json, sys, time
+import torch
+torch.manual_seed(0)
+torch.set_num_threads(1)  # one thread: on a shared machine, idle-spinning worker threads dominate small matmuls
+rows, d_in, d_out, reps = map(int, sys.argv[1:5])
+out = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    layer = torch.nn.Linear(d_in, d_out).to(dtype)
+    x = torch.randn(rows, d_in, dtype=dtype, requires_grad=True)
+    layer(x).sum().backward()  # warm-up: kernels chosen, buffers allocated
+    times = []
+    for _ in range(reps):  # the fastest of reps: a busy machine only ever adds time
+        t = time.perf_counter()
+        y = layer(x)
+        y.sum().backward()
+        times.append(time.perf_counter() - t)
+    out[name] = {"step_time_s": min(times), "bytes_per_value": y.element_size(),
+                 "activation_bytes": y.numel() * y.element_size(),
+                 "weight_bytes": layer.weight.numel() * layer.weight.element_size()}
+print(json.dumps(out))
+"""
+# oneDNN and ATen limited to AVX2: no AVX512-BF16 / AMX instructions, so bf16 arithmetic is emulated
+EMULATED_BF16_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def bf16_cost(emulated: bool = False, *, rows: int = 256, d_in: int = 256, d_out: int = 512, reps: int = 3) -> dict:
+    """Bytes and time of one ``Linear`` forward + backward in fp32 and in bf16 on this CPU, in a fresh process.
+
+    ``emulated=True`` runs it with the CPU's bf16 instructions switched off (:data:`EMULATED_BF16_ENV`), the
+    situation of a CPU without AVX512-BF16/AMX -- and of a GPU below compute capability 8.0, which has no bf16
+    tensor cores: the tensors are still 2 bytes (the memory saving is the same), but every bf16 operation is
+    converted to fp32 and back, so it is slower than fp32. A fresh process because both settings are read once,
+    when torch loads. The time is the fastest of ``reps`` calls. Returns ``{"cpu_capability", "fp32": {...}, "bf16": {...}}`` with ``step_time_s``,
+    ``bytes_per_value``, ``activation_bytes`` and ``weight_bytes`` per dtype.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    for name, v in (("rows", rows), ("d_in", d_in), ("d_out", d_out), ("reps", reps)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    env = {**os.environ, **(EMULATED_BF16_ENV if emulated else {})}
+    if not emulated:
+        for k in EMULATED_BF16_ENV:
+            env.pop(k, None)
+    done = subprocess.run([sys.executable, "-c", _BF16_PROBE, str(rows), str(d_in), str(d_out), str(reps)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"the bf16 probe failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -62,10 +62,11 @@ def test_feedback_shows_measured_memory_against_the_reference_with_the_breakdown
     assert "measured peak: 460.0 MiB (reference solution: 230.0 MiB)" in out["tests"][1]["output"]
 
 
-def _explained_lab(tmp_path, answer: str | None, tag=False):
+def _explained_lab(tmp_path, answer: str | None, tag=False, rubric=False):
     sol = new_notebook()
+    grading = "\n**Rubric** (2 points):\n- 1: names the gradients\n- 1: says <when> they exist" if rubric else ""
     q = new_markdown_cell("**Explain** why the peak is in backward.\n### BEGIN SOLUTION\n"
-                          "Because gradients and activations coexist.\n### END SOLUTION", id="why-md")
+                          f"Because gradients and activations coexist.{grading}\n### END SOLUTION", id="why-md")
     tagged = new_markdown_cell("Write one sentence about fragmentation.", id="frag-md")
     tagged.metadata["tags"] = ["explanation"]
     sol.cells = [new_code_cell("x = 1", id="c1"), q, tagged]
@@ -107,6 +108,39 @@ def test_explanations_of_an_unreadable_submission_are_empty(tmp_path):
     sol, sub = _explained_lab(tmp_path, None)
     (sub / "01_demo.ipynb").write_text("{not json")
     assert ex.collect(ex.questions(sol), sub, "01", sol.name) == {}
+
+
+def test_the_instructor_sees_the_rubric_beside_each_answer_the_learner_never(tmp_path):
+    sol, sub = _explained_lab(tmp_path, "Gradients exist only after backward.", rubric=True)
+    qs = ex.questions(sol)
+    q = qs[0]
+    assert q.model_answer == "Because gradients and activations coexist." and q.rubric.startswith("**Rubric")
+    assert q.criteria() == ["1: names the gradients", "1: says <when> they exist"]
+    assert qs[1].rubric == "" and qs[1].criteria() == []  # a tagged cell without a solution region
+    got = ex.collect(qs, sub, "01", sol.name)
+    assert "Rubric" not in got["why-md"] and "names the gradients" not in ex.answers_html(qs, got)
+    ex.write_report("01", qs, {"alice": got, "bob": {}}, tmp_path)
+    page = (tmp_path / "explanations.html").read_text()
+    row = page.split("<td>alice</td>", 1)[1].split("</tr>", 1)[0]  # alice's row: her answer, then the rubric
+    assert "Gradients exist only after backward." in row and "names the gradients" in row
+    assert "says &lt;when&gt; they exist" in row and "<when>" not in page
+    assert "model answer" in page and "(no rubric in the solution)" in page
+    with open(tmp_path / "explanations.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    first = rows[0]
+    assert (first["cell_id"], first["score"]) == ("why-md", "") and first["rubric"].startswith("**Rubric")
+    assert first["model_answer"] == "Because gradients and activations coexist."
+
+
+@pytest.mark.parametrize("lab", ["01", "02", "03", "04", "05"])
+def test_each_lab_explanation_has_a_model_answer_and_a_rubric(lab):
+    from pathlib import Path
+    sol = next((Path(__file__).parents[1] / "solutions").glob(f"{lab}_*.ipynb"))
+    qs = ex.questions(sol)
+    assert qs, f"lab {lab} has no explanation cell"
+    for q in qs:
+        assert q.model_answer and len(q.criteria()) >= 2, f"lab {lab} {q.cell_id}: model answer and rubric needed"
+        assert "### BEGIN" not in q.prompt and q.rubric not in q.prompt
 
 
 def test_help_shows_defaults_every_subcommand_and_the_version(capsys):

@@ -173,3 +173,12 @@ def test_lab02_checks_catch_a_step_without_autocast_or_scaler():
     assert [r.status for r in results] == ["failed", "failed"], [(r.name, r.message) for r in results]
     bad_choice = {**ns, "choose_amp_dtype": lambda cap: (torch.bfloat16, True)}
     assert run_checks(registry("02"), bad_choice, _ctx(), only=["amp_dtype_choice"])[0].status == "failed"
+
+
+def test_emulated_bf16_keeps_two_byte_tensors_and_costs_time():
+    from memopt_lib.mixed_precision import bf16_cost
+    got = bf16_cost(emulated=True)  # the lab's size
+    assert got["cpu_capability"] == "AVX2"  # the CPU's bf16 instructions were switched off
+    assert got["bf16"]["bytes_per_value"] == 2 and got["fp32"]["bytes_per_value"] == 4
+    assert got["bf16"]["activation_bytes"] * 2 == got["fp32"]["activation_bytes"]  # the memory saving stays
+    assert got["bf16"]["step_time_s"] > got["fp32"]["step_time_s"]  # emulation: slower than fp32

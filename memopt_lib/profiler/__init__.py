@@ -11,8 +11,9 @@ from .cuda import CudaStats, SnapshotRecorder, read_stats, settle
 from .measure import measure, time_calls, train_step_fn
 from .plot import plot_breakdowns, plot_predicted_vs_measured, plot_report, plot_timeline
 from .report import GiB, MiB, MemoryReport, fmt_bytes
+from .saved import SavedTensors, saved_for_backward
 from .tracker import CATEGORIES, PHASES, MemoryTracker, TrackerResult
 
-__all__ = ["CATEGORIES", "PHASES", "CudaStats", "GiB", "MiB", "MemoryReport", "MemoryTracker", "SnapshotRecorder",
+__all__ = ["CATEGORIES", "PHASES", "CudaStats", "GiB", "MiB", "MemoryReport", "MemoryTracker", "SavedTensors", "SnapshotRecorder",
            "TrackerResult", "fmt_bytes", "measure", "plot_breakdowns", "plot_predicted_vs_measured", "plot_report",
-           "plot_timeline", "read_stats", "settle", "time_calls", "train_step_fn"]
+           "plot_timeline", "read_stats", "saved_for_backward", "settle", "time_calls", "train_step_fn"]
