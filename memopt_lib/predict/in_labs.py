@@ -13,12 +13,18 @@ one) instead of the predictor's default three, to keep a notebook inside its tim
 stays within 0.1 % (measured: identical for GPT-2 fp32 at 8 x 512, 1 KiB apart for the 7B QLoRA at 8 x 512, 0.02 %
 for GPT-2 at 1 x 128, ``tests/test_predict_in_labs.py``; reserved within 0.1 %), and it takes about half the time.
 
-A recipe the predictor does not model yet (chunked cross-entropy, the optimizer step in backward, embedding /
-``lm_head`` placement, the lean 4-bit preparation, offloading) is listed with the reason instead of a number: the
-row says where a prediction will appear once the predictor models it, and nothing is made up meanwhile.
+A technique the predictor does not model (optimizer offloading: ZeRO-Offload is not a recipe field) is listed with
+the reason instead of a number (``Case(not_modelled=...)``, or the predictor's own ``NotImplementedError``), and
+nothing is made up meanwhile.
 
-    from memopt_lib.predict.in_labs import Case, show_predictions
+Two views of the same cases (one memo, one anchor lookup):
+
+    from memopt_lib.predict.in_labs import Case, show_predictions, show_forecast
     show_predictions("t4", [Case("gpt2", 8, 512, "8-bit AdamW"), Case("llama-7b", 8, 512, "QLoRA default")])
+    show_forecast("t4", ["fp32 baseline", "checkpointing"], llama_rows=["QLoRA nf4+dq + ckpt"])  # a table
+
+``show_predictions`` prints a line per case; ``show_forecast`` a table per model, each row against the first at the
+same shape (``vs 1st``), whether it fits the GPU, and the largest part of the peak.
 """
 from __future__ import annotations
 
@@ -27,6 +33,9 @@ from dataclasses import dataclass, field
 GiB = float(1 << 30)
 GPUS_FOR_LABS = ("t4", "a100", "h100", "h200")
 STEPS = 2  # steps replayed per case (see the module docstring)
+BENCH_RECORD = ".ci/gpu_results/h200-bench-gpt2.json"
+GPT2_SHAPES = ((8, 512), (8, 1024))
+LLAMA_SHAPES = ((8, 512),)
 
 
 @dataclass(frozen=True)
@@ -58,21 +67,48 @@ class Case:
 _MEMO: dict = {}
 
 
-def _anchor_for(case: Case) -> dict | None:
-    """The H200 measurement of exactly this configuration, if the repository holds one."""
+def _anchor_for(case: Case, *, loose: bool = False) -> dict | None:
+    """The H200 measurement of exactly this configuration, if the repository holds one.
+
+    ``loose``: failing an exact match, accept one that differs only in step options (e.g. fused instead of
+    foreach AdamW: within 0.1 % for GPT-2). The bench's own record is preferred among equals.
+    """
     from .anchors import measurements
     def key(opts):  # how many steps are replayed is not part of the configuration
         return tuple(sorted((k, v) for k, v in opts.items() if k != "steps"))
-    want = (case.model, case.batch, case.seq, case.row_name.lower(), key(case.options))
-    for m in measurements():
-        model, batch, seq, row, opts = m["config"]
-        name = row if isinstance(row, str) else row.name
-        if (model, batch, seq, name.lower(), key(opts)) == want:
-            return m
+    want = (case.model, case.batch, case.seq, case.row_name.lower())
+    same = [m for m in measurements() if (*m["config"][:3], _name(m["config"][3]).lower()) == want]
+    same.sort(key=lambda m: m["source"] != BENCH_RECORD)  # the bench's own run of the step first
+    exact = [m for m in same if key(m["config"][4]) == key(case.options)]
+    if exact or not loose:
+        return exact[0] if exact else None
+    return same[0] if same else None
+
+
+def _name(row) -> str:
+    return row if isinstance(row, str) else row.name
+
+
+def bench_record(row: str, model: str = "gpt2", batch: int = 8, seq: int = 512) -> dict | None:
+    """The bench's own H200 run of one row (``.ci/gpu_results/h200-bench-gpt2.json``), with its breakdown.
+
+    ``breakdown_bytes`` there is what was alive at the measured peak (``weights``, ``gradients``,
+    ``optimizer``, ``activations``, ``temporaries``, ``unattributed``). ``None`` if the file or row is absent.
+    """
+    import json
+
+    from .anchors import repo_root
+    path = repo_root() / BENCH_RECORD
+    if not path.exists():
+        return None
+    for r in json.loads(path.read_text()):
+        if (r.get("status") == "ok" and r["name"].lower() == row.lower()
+                and (r["model"], r["batch"], r["seq"]) == (model, batch, seq)):
+            return r
     return None
 
 
-def predict_case(gpu: str, case: Case) -> dict:
+def predict_case(gpu: str, case: Case, *, loose_anchor: bool = False) -> dict:
     """``{"case", "gpu", "predicted": predict_step's dict or None, "why_not": str, "anchor": dict or None}``.
 
     ``why_not`` is the predictor's own reason when it does not model the recipe (or ``case.not_modelled``).
@@ -92,7 +128,8 @@ def predict_case(gpu: str, case: Case) -> dict:
         except NotImplementedError as err:  # the recipe uses a technique the predictor does not model yet
             _MEMO[key] = (None, str(err))
     pred, why = _MEMO[key]
-    return {"case": case, "gpu": g.name, "predicted": pred, "why_not": why, "anchor": _anchor_for(case)}
+    return {"case": case, "gpu": g.name, "predicted": pred, "why_not": why,
+            "anchor": _anchor_for(case, loose=loose_anchor)}
 
 
 def format_prediction(res: dict) -> str:
@@ -125,3 +162,74 @@ def show_predictions(gpu: str, cases: list[Case], *, title: str = "") -> list[di
         print("  " + format_prediction(res))
         out.append(res)
     return out
+
+
+def forecast(gpu: str, rows, *, model: str = "gpt2", shapes=None) -> list[dict]:
+    """Predict each bench row of ``rows`` at each shape on ``gpu``: one plain dict per (shape, row).
+
+    Keys: ``model``, ``batch``, ``seq``, ``row``, ``gpu``, ``peak_allocated_bytes``, ``peak_reserved_bytes``,
+    ``breakdown_bytes``, ``vs_first`` (peak / the first row's at the same shape), ``fits`` (reserved bytes
+    within the GPU's memory), ``gpu_memory_bytes``, ``anchor`` (the H200 record, loosely matched: see
+    :func:`_anchor_for`) and ``why_not`` (set, with the numbers ``None``, for a recipe the predictor rejects).
+    """
+    from ..models import spec
+    from .gpus import gpu as get_gpu
+    g = get_gpu(gpu)
+    rows = list(rows)
+    if not rows:
+        raise ValueError("rows is empty: name at least one bench row (memopt_lib.bench.rows_for(model) lists them)")
+    shapes = list(shapes if shapes is not None else (GPT2_SHAPES if spec(model).family == "gpt2" else LLAMA_SHAPES))
+    out = []
+    for batch, seq in shapes:
+        first = None
+        for row in rows:
+            res = predict_case(g.name, Case(model, batch, seq, row), loose_anchor=True)
+            p = res["predicted"] or {}
+            peak = p.get("peak_allocated_bytes")
+            first = first or peak
+            anchor = res["anchor"]
+            out.append({"model": model, "batch": batch, "seq": seq, "row": _name(row), "gpu": g.name,
+                        "peak_allocated_bytes": peak, "peak_reserved_bytes": p.get("peak_reserved_bytes"),
+                        "breakdown_bytes": dict(p.get("breakdown_bytes", {})),
+                        "vs_first": peak / first if peak and first else None,
+                        "fits": p["peak_reserved_bytes"] <= g.memory_bytes if p else None,
+                        "gpu_memory_bytes": g.memory_bytes, "why_not": res["why_not"],
+                        "anchor": {"name": anchor["name"], "source": anchor["source"],
+                                   "peak_allocated_bytes": anchor["measured"]["steady"]} if anchor else None})
+    return out
+
+
+def format_forecast(results: list[dict]) -> str:
+    """The table :func:`show_forecast` prints (GiB = 2**30 bytes)."""
+    if not results:
+        return "(nothing predicted)"
+    lines = [f"predicted on {results[0]['gpu']} ({results[0]['gpu_memory_bytes'] / GiB:.1f} GiB), meta tensors, "
+             "not measured:",
+             f"  {'model':<9}{'shape':>10}  {'row':<26}{'peak alloc':>11}{'vs 1st':>8}{'reserved':>10}"
+             f"{'fits':>6}  largest part at the peak   H200 measured"]
+    for r in results:
+        head = f"  {r['model']:<9}{str(r['batch']) + ' x ' + str(r['seq']):>10}  {r['row']:<26}"
+        if r["peak_allocated_bytes"] is None:
+            lines.append(head + f"not predicted ({r['why_not']})")
+            continue
+        bd = r["breakdown_bytes"]
+        big = max(bd, key=bd.get)
+        a = r["anchor"]
+        anchor = (f"{a['peak_allocated_bytes'] / GiB:.2f} GiB ({r['peak_allocated_bytes'] / a['peak_allocated_bytes'] - 1:+.1%})"
+                  if a else "-")
+        lines.append(head + f"{r['peak_allocated_bytes'] / GiB:>7.2f} GiB{r['vs_first']:>7.2f}x"
+                     f"{r['peak_reserved_bytes'] / GiB:>6.2f} GiB{'yes' if r['fits'] else 'NO':>6}  "
+                     f"{big} {100 * bd[big] / r['peak_allocated_bytes']:.0f} %{'':<{max(0, 15 - len(big))}}{anchor}")
+    lines.append("  (vs 1st: the peak over the first row's at the same shape; H200 measured: the repository's "
+                 "record of the same step, with the prediction's error)")
+    return "\n".join(lines)
+
+
+def show_forecast(gpu: str, rows, *, llama_rows=(), gpt2_shapes=GPT2_SHAPES, llama_shapes=LLAMA_SHAPES) -> list[dict]:
+    """Print and return :func:`forecast` for GPT-2 (``rows``) and the 7B (``llama_rows``, if any)."""
+    results = forecast(gpu, rows, model="gpt2", shapes=gpt2_shapes) if rows else []
+    llama_rows = list(llama_rows)
+    if llama_rows:
+        results += forecast(gpu, llama_rows, model="llama-7b", shapes=llama_shapes)
+    print(format_forecast(results))
+    return results
