@@ -20,14 +20,16 @@ Where the thresholds come from:
   sometimes (``<=`` fits), answers 0, 1, a power of two and up to ~3000. The answer must equal the reference's,
   in at most ``2*ceil(log2(answer+1)) + 4`` measurements (doubling then bisection needs about 2*log2). A
   finder that extrapolates a line through two measurements is off on the curved ones.
-* The logging loop (``measures_memory``): ``train_and_log`` runs N = 3-5 steps (drawn) on a model the checker
+* The logging loop (``measures_memory``): ``train_and_log`` runs N = 5-7 steps (drawn) on a model the checker
   builds inside the measured window (GPT-2 architecture, 2 x 128, vocab 4096, batch 4 x 128, SGD); each returned
   loss must be its batch's loss before that step (the reference's, relative 1e-4) and the parameters must end
   where N SGD steps take them (fingerprints). The rise above the window's start may be at most
-  ``PEAK_RATIO`` = 1.15 x the reference loop's plus the meter's slack (:func:`.base.memory_rise_within`: 256 KiB
-  for the tracker, 6 MiB for the grader's cgroup). The vocabulary makes the logits (8 MiB a step) the largest
-  thing a step holds, so what a leaky loop keeps per step is well above the grader's outside resolution (at
-  vocab 512 and 2 x 128 a kept output was 0.5 MiB a step, and the grader passed a loop that kept them all).
+  ``PEAK_RATIO`` = 1.10 x the reference loop's plus the meter's slack (:func:`.base.memory_rise_within`: 256 KiB
+  for the tracker, 6 MiB for the grader's cgroup; the reference loop and a right one measure 1.00). The grader's
+  outside meter sees far more than the loop's tensors (at vocab 512, 2 x 128: 121 MiB rise for the tracker's
+  11 MiB: the first forward of the child process), so the leak must be large against that: the vocabulary makes
+  the logits (8 MiB a step) the largest thing a step holds, and a loop that keeps its outputs keeps N - 1 of them
+  beyond the reference's peak (>= 32 MiB; at vocab 512 it was 0.5 MiB a step and the grader passed it).
   ``total += loss`` with a single backward at the end fails on the optimizer-step count; loss tensors kept
   *after* their backward hold no saved tensors (~1.0x), which is why the losses' type is checked.
 """
@@ -47,7 +49,7 @@ CHECKS = Registry(lab="07", reference=lambda: {"parse_oom": oom.parse_oom, "clas
                                                "find_max_batch": lambda f, b: oom.max_batch_size(f, b)[0],
                                                "train_and_log": oom.train_and_log,
                                                "largest_at_peak": snapshot.largest_at_peak})
-PEAK_RATIO = 1.15
+PEAK_RATIO = 1.10
 LOG_VOCAB = 4096  # the logging model's vocabulary: its logits (8 MiB a step at 4 x 128) dominate what a step holds
 G, M, K = 1024**3, 1024**2, 1024
 
@@ -219,7 +221,7 @@ def _log_model(ctx):
 def logging_does_not_leak(ns, ctx):
     """train_and_log trains one step per batch, logs each batch's loss as a float, keeps nothing alive."""
     from ..text import random_batch
-    n = ctx.rng.randint(3, 5)
+    n = ctx.rng.randint(5, 7)
     model = _log_model(ctx)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     batches = [random_batch(LOG_VOCAB, 4, 128, ctx.device, seed=ctx.seed + i) for i in range(n)]

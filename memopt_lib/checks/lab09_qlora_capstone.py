@@ -19,7 +19,8 @@ Where the thresholds come from
   The judge fails on the first case off by more than 1 % and names the slip that reproduces it.
 * ``build_qlora`` is called with a rank, targets and learning rate drawn per run (never the defaults alone):
   the adapted modules, each adapter's rank, ``alpha / r`` scaling (``lora_alpha = 2 r``) and dropout, the
-  optimizer's parameters and learning rate must equal the reference recipe's; after one step the optimizer
+  optimizer's parameters and learning rate must equal the reference recipe's; after one step (on seeded
+  gradients: the state's size depends on shapes and optimizer only) the optimizer
   state may be at most ``STATE_RATIO`` x the reference 8-bit AdamW's (ranks >= 20 on a 256-wide model, so every
   adapter tensor has >= 4096 values and gets 8-bit state: fp32 AdamW measures 3.4x). The base must be
   4-bit NF4 with double quantization, nothing stored wider than the compute dtype.
@@ -33,9 +34,12 @@ Where the thresholds come from
   whose rows do not split evenly into micro-batches (5-7 rows, micro-batches of 2-4), called twice. ``accumulation_exact``: the gradients handed to
   ``optimizer.step()``, the update and the returned loss must match the reference step's (relative 1e-4;
   the solution measures 0.0 (loss 4e-8); ``loss / number_of_micro_batches`` 0.62 at 7 rows in micro-batches of
-  2; a missing ``zero_grad`` fails on the second call). ``peak_vs_default_stack`` (``measures_memory``): two steps on 8 x 256 with ``micro_batch=2`` may
-  peak at most ``STEP_PEAK_RATIO`` x the reference's above the window's start; measured on CPU: the reference
-  8.2 MiB, summing the micro-batch losses and calling backward once 1.66x, ignoring ``micro_batch`` 3.22x.
+  2; a missing ``zero_grad`` fails on the second call; right-padded rows make weighting by rows fail too).
+  ``peak_vs_default_stack`` (``measures_memory``): one step on 8 x 640 with ``micro_batch=2`` (a 192-wide model)
+  may rise at most ``STEP_PEAK_RATIO`` x the reference's above the window's start plus the meter's slack (6 MiB
+  for the grader's cgroup). Measured by the grader (cgroup) at 256 wide: the reference 19.7 MiB, summing the
+  micro-batch losses and calling backward once 39.0 MiB (allowed 30.6), ignoring ``micro_batch`` 80.6 MiB; 192
+  wide costs ~40 % less CPU (tests/heldout/RESULTS.md has the margins measured there).
 * GPU checks (``gpu_only``) measure the student's recipe on the real 7B shape at batch 8 x 512. Pass: the peak
   (allocated, measured around the collect) + paged optimizer state + 0.5 GiB of CUDA context fit in 12 GiB (the
   seed's "7B model on 12 GB GPU"). Full marks: peak + paged state <= 0.8x the default stack's, extrapolated
@@ -57,7 +61,7 @@ from .step_evidence import judge_calls, judge_raised, record_calls, trainable
 TINY = "llama-tiny"
 CKPT_RATIO = 1.5
 STEP_PEAK_RATIO = 1.25
-MEMORY_HIDDEN, MEMORY_SEQ = 256, 640  # the memory check's model width and sequence (see peak_vs_default_stack)
+MEMORY_HIDDEN, MEMORY_SEQ = 192, 640  # the memory check's model width and sequence (see peak_vs_default_stack)
 STATE_RATIO = 1.1
 GRAD_TOL = 1e-4
 GPU_BUDGET_BYTES = 12 * GiB
@@ -255,7 +259,6 @@ def _(got, ref, ctx):
 @CHECKS.check(points=2, needs=["build_qlora"])
 def lora_and_optimizer(ns, ctx):
     """LoRA of the asked rank on the asked targets trains alone; 8-bit AdamW at the asked lr holds only them"""
-    from ..text import random_batch
     rank = ctx.rng.choice([20, 24, 32])
     targets = ctx.rng.choice(TARGET_SETS)
     lr = ctx.rng.choice([7e-5, 1.5e-4, 3e-4, 5e-4])
@@ -270,8 +273,12 @@ def lora_and_optimizer(ns, ctx):
             "optimizer": type(opt).__name__, "lrs": sorted({float(g["lr"]) for g in opt.param_groups}),
             "missing_in_optimizer": sum(id(p) not in in_opt for p in params.values()),
             "frozen_in_optimizer": len(in_opt - {id(p) for p in params.values()})}
-    batch = random_batch(model.config.vocab_size, 2, 32, device=ctx.device, seed=ctx.seed)
-    _step_reference(model, opt, batch)  # the library's step: the optimizer state exists afterwards
+    # one optimizer step creates the state; its size depends on the parameters' shapes and the optimizer only, so
+    # seeded gradients stand in for a forward and backward through the 4-bit model
+    g = torch.Generator().manual_seed(ctx.seed)
+    for p in params.values():
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device=p.device, dtype=p.dtype)
+    opt.step()
     data["state_bytes"] = quantization.optimizer_state_bytes(opt)
     return data
 
