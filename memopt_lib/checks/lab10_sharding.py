@@ -71,10 +71,14 @@ CHECKS = Registry(lab="10", reference=lambda: {"predict_per_rank_bytes": _refere
 def per_rank_prediction(ns, ctx):
     """predict_per_rank_bytes gives each strategy's per-rank weights, gradients and optimizer bytes."""
     fn = ns["predict_per_rank_bytes"]
+    # every strategy in both precisions on more than one rank (a slip in one strategy's row is never left
+    # undrawn), then two drawn at random, world size 1 possible
+    draws = [(st, ctx.rng.choice([2, 3, 4, 8, 64, 256]), mixed) for st in STRATEGIES for mixed in (False, True)]
+    draws += [(ctx.rng.choice(STRATEGIES), ctx.rng.choice([1, 2, 8]), ctx.rng.random() < 0.5) for _ in range(2)]
+    ctx.rng.shuffle(draws)
     cases = []
-    for _ in range(8):
+    for strategy, world, mixed in draws:
         n = ctx.rng.randint(10**5, 10**10)
-        strategy, world, mixed = ctx.rng.choice(STRATEGIES), ctx.rng.choice([1, 2, 3, 4, 8, 64, 256]), ctx.rng.random() < 0.5
         got = fn(n, strategy, world, mixed_precision=mixed)
         cases.append({"n_params": n, "strategy": strategy, "world_size": world, "mixed_precision": mixed,
                       "bytes": {k: float(got[k]) for k in ("weights", "gradients", "optimizer")}})

@@ -57,10 +57,6 @@ n_ckpt = len(range(0, n_layers, every))
 return n_ckpt * block_input_bytes + (n_layers - n_ckpt) * block_bytes + block_bytes  # + the recomputed block
 ''', "adds one recomputed block (backward's transient) to what is kept"),
     # prepare_for_checkpointed_training(model)
-    Case("prepare-default-kwargs", "gc-prepare", '''
-model.gradient_checkpointing_enable()
-model.train()
-''', "gradient_checkpointing_enable() without use_reentrant=False"),
     Case("prepare-config-flag", "gc-prepare", '''
 model.config.gradient_checkpointing = True
 model.train()
