@@ -10,12 +10,13 @@ PORT   ?= 8888
 # Jupyter refuses to run as root unless told (containers, Colab-like VMs)
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: venv setup lab test labs clean help
+.PHONY: venv setup lab test labs clean help heldout
 
 help:
 	@echo "make lab    - set up .venv and open the labs in JupyterLab"
 	@echo "make test   - set up .venv and run the whole test suite"
 	@echo "make labs   - regenerate labs/ from solutions/ (course authors)"
+	@echo "make heldout - grade the held-out wrong answers with memopt-grade (minutes; CI runs it after make test)"
 	@echo "make clean  - remove .venv (and its Jupyter kernel), build files and caches"
 
 # A usable venv is one whose python runs and imports pip. Anything else left by an earlier attempt
@@ -60,6 +61,11 @@ test: setup
 
 labs: setup
 	$(PY) -m memopt_lib.labgen solutions labs
+
+# Every held-out wrong answer (tests/heldout/labNN.py) must score below the instructor's solution when graded by
+# memopt-grade (one batch per lab, sandboxed, memory measured from outside). Run as root for the full sandbox.
+heldout: setup
+	$(PY) tests/heldout/run.py --record tests/heldout/RESULTS.md $(HELDOUT_ARGS)
 
 clean:
 	rm -rf "$(VENV)" build dist *.egg-info .pytest_cache

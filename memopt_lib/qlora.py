@@ -231,30 +231,5 @@ def main(argv: list[str] | None = None) -> None:
                           "peak_reserved_bytes": r.peak_reserved_bytes, **r.extra}), flush=True)
 
 
-# ---------------------------------------------------------------------------------------------- transitional
-# memopt_lib/checks/lab09_qlora_capstone.py (being rewritten on another branch) still imports these names. Each
-# is the technique module's own function, not a second implementation; delete this block once the lab 09
-# checks call quantization.weight_footprint_bytes / optimizer_state_bytes / paged_state_bytes and
-# recipe.compose(recipe.QLORA_DEFAULT, ...).step directly.
-weight_bytes = quantization.weight_footprint_bytes
-optimizer_state_bytes = quantization.optimizer_state_bytes
-paged_state_bytes = quantization.paged_state_bytes
-
-
-def make_train_step(model, optimizer, *, micro_batch: int | None = None, autocast_dtype: torch.dtype | None = None):
-    """Transitional: ``step(batch) -> loss`` via :func:`memopt_lib.accumulation.accumulation_step` (token-normalized)."""
-    import contextlib
-
-    from .accumulation import accumulation_step, split_batch
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    ctx = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
-
-    def step(batch: dict) -> float:
-        k = recipe.micro_batches_for(batch["input_ids"].shape[0], micro_batch)
-        return accumulation_step(model, split_batch(batch, k), optimizer, autocast=ctx).loss
-
-    return step
-
-
 if __name__ == "__main__":
     main()

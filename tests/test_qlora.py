@@ -188,7 +188,9 @@ def test_no_technique_is_written_twice_here():
     for name in ("bnb_4bit_config", "enable_checkpointing", "apply_lora", "checkpointing_active", "make_optimizer",
                  "device_map", "weight_tensors"):
         assert not hasattr(qlora, name), name
-    assert qlora.weight_bytes is weight_footprint_bytes  # transitional alias for the lab 09 checks, same object
+    # the transitional aliases are gone too: the byte counts live in quantization, the step in accumulation
+    for name in ("weight_bytes", "optimizer_state_bytes", "paged_state_bytes", "make_train_step"):
+        assert not hasattr(qlora, name), name
 
 
 def test_default_stack_extrapolation_from_anchors():

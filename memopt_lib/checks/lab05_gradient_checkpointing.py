@@ -21,6 +21,11 @@ Where the thresholds come from:
 * Gradients: checkpointing recomputes the same float32 operations, so the loss and the gradients equal the
   reference's to ``GRAD_TOL`` (fingerprints; measured 0.0). Once with trainable embeddings, once frozen (as under
   LoRA): blocks run under ``no_grad`` lose gradients in both, reentrant checkpointing only with frozen inputs.
+* ``prepare_for_checkpointed_training``: measured active (blocks keep at most ``BLOCK_RATIO`` x the reference's),
+  LoRA gradients equal the unwrapped model's, and non-reentrant: ``use_reentrant=True`` passes the gradient part
+  only because transformers then hooks the embedding output to require grad, so the variant is read from the
+  checkpoint function HF installed. (``gradient_checkpointing_enable()`` without kwargs is non-reentrant from
+  transformers 5 on, and right.)
 * Memory, per block: a block counts as checkpointed when it keeps at most ``CKPT_SHARE`` of what the same block
   keeps unwrapped (measured on CPU, 64 wide, 2 x 64: 0.033 checkpointed, 0.93 unwrapped without the cache).
   The checkpointed set must equal the reference's, and every block may keep at most ``BLOCK_RATIO`` x the
@@ -238,6 +243,14 @@ def _(got, ref, ctx):
             "gradient_checkpointing_kwargs={'use_reentrant': False}")
     err = fingerprint_error(gr["lora"], r["grads"]["lora"])
     assert err <= GRAD_TOL, f"the LoRA gradients differ from the unwrapped model's by {err:.2e}"
+    # Reentrant checkpointing trains here only because transformers' gradient_checkpointing_enable() makes the
+    # embedding output require grad behind your back (enable_input_require_grads); the gradients alone cannot
+    # tell it from the non-reentrant variant, so the choice is read from the checkpoint function HF installed.
+    assert g["reentrant"] is False, (
+        "checkpointing is active and LoRA gets gradients, but through reentrant checkpointing "
+        f"(use_reentrant={g['reentrant']}). It works only because transformers makes the embedding output require "
+        "grad; with frozen inputs and no such hook it drops every gradient inside the blocks. Pass "
+        "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers >= 5 defaults to it)")
     return {"kept_bytes": kept, "reference_kept_bytes": want}
 
 

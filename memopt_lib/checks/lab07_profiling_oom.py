@@ -20,14 +20,18 @@ Where the thresholds come from:
   sometimes (``<=`` fits), answers 0, 1, a power of two and up to ~3000. The answer must equal the reference's,
   in at most ``2*ceil(log2(answer+1)) + 4`` measurements (doubling then bisection needs about 2*log2). A
   finder that extrapolates a line through two measurements is off on the curved ones.
-* The logging loop (``measures_memory``): ``train_and_log`` runs N = 6-9 steps (drawn) on a model the checker
-  builds inside the measured window (GPT-2 architecture, 2 x 128, vocab 512, batch 2 x 128, SGD); each returned
+* The logging loop (``measures_memory``): ``train_and_log`` runs N = 5-7 steps (drawn) on a model the checker
+  builds inside the measured window (GPT-2 architecture, 2 x 128, vocab 4096, batch 4 x 128, SGD); each returned
   loss must be its batch's loss before that step (the reference's, relative 1e-4) and the parameters must end
-  where N SGD steps take them (fingerprints). The peak above the window's start may be at most
-  ``PEAK_RATIO`` = 1.15 x the reference loop's. Measured on CPU (tracker, N=9, reference 11.2 MiB): a running
-  total of loss tensors whose graphs stay alive (``retain_graph``) 7.3x, growing with N; the model outputs kept
-  in a list 1.76x. ``total += loss`` with a single backward at the end fails on the optimizer-step count; loss
-  tensors kept *after* their backward hold no saved tensors (~1.0x), which is why the losses' type is checked.
+  where N SGD steps take them (fingerprints). The rise above the window's start may be at most
+  ``PEAK_RATIO`` = 1.10 x the reference loop's plus the meter's slack (:func:`.base.memory_rise_within`: 256 KiB
+  for the tracker, 6 MiB for the grader's cgroup; the reference loop and a right one measure 1.00). The grader's
+  outside meter sees far more than the loop's tensors (at vocab 512, 2 x 128: 121 MiB rise for the tracker's
+  11 MiB: the first forward of the child process), so the leak must be large against that: the vocabulary makes
+  the logits (8 MiB a step) the largest thing a step holds, and a loop that keeps its outputs keeps N - 1 of them
+  beyond the reference's peak (>= 32 MiB; at vocab 512 it was 0.5 MiB a step and the grader passed it).
+  ``total += loss`` with a single backward at the end fails on the optimizer-step count; loss tensors kept
+  *after* their backward hold no saved tensors (~1.0x), which is why the losses' type is checked.
 """
 from __future__ import annotations
 
@@ -39,13 +43,14 @@ import torch
 
 from .. import oom
 from ..profiler import fmt_bytes, snapshot
-from .base import Registry, fingerprint, fingerprint_error
+from .base import Registry, fingerprint, fingerprint_error, memory_rise_within
 
 CHECKS = Registry(lab="07", reference=lambda: {"parse_oom": oom.parse_oom, "classify_oom": oom.classify_cause,
                                                "find_max_batch": lambda f, b: oom.max_batch_size(f, b)[0],
                                                "train_and_log": oom.train_and_log,
                                                "largest_at_peak": snapshot.largest_at_peak})
-PEAK_RATIO = 1.15
+PEAK_RATIO = 1.10
+LOG_VOCAB = 4096  # the logging model's vocabulary: its logits (8 MiB a step at 4 x 128) dominate what a step holds
 G, M, K = 1024**3, 1024**2, 1024
 
 
@@ -207,7 +212,7 @@ def _(got, ref, ctx):
 def _log_model(ctx):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(ctx.seed)
-    cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=512, n_positions=256, resid_pdrop=0.0,
+    cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=LOG_VOCAB, n_positions=256, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return from_config(cfg).to(ctx.device).train()
 
@@ -216,10 +221,10 @@ def _log_model(ctx):
 def logging_does_not_leak(ns, ctx):
     """train_and_log trains one step per batch, logs each batch's loss as a float, keeps nothing alive."""
     from ..text import random_batch
-    n = ctx.rng.randint(6, 9)
+    n = ctx.rng.randint(5, 7)
     model = _log_model(ctx)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    batches = [random_batch(512, 2, 128, ctx.device, seed=ctx.seed + i) for i in range(n)]
+    batches = [random_batch(LOG_VOCAB, 4, 128, ctx.device, seed=ctx.seed + i) for i in range(n)]
     steps = {"n": 0}
     handle = opt.register_step_pre_hook(lambda *_: steps.__setitem__("n", steps["n"] + 1))
     try:
@@ -255,13 +260,11 @@ def _(got, ref, ctx):
     err = fingerprint_error(g["params"], r["params"])
     assert err <= 1e-4, (f"after {n} steps the weights differ from {n} optimizer steps on these batches (relative "
                          f"{err:.1e}): one zero_grad, forward, backward and step per batch")
-    ratio = got.memory.delta_bytes / max(ref.memory.delta_bytes, 1)
-    assert ratio <= PEAK_RATIO, (
-        f"{n} steps peak {fmt_bytes(got.memory.delta_bytes)} above the start, the reference loop "
-        f"{fmt_bytes(ref.memory.delta_bytes)} (ratio {ratio:.2f} > {PEAK_RATIO}): something from each step stays "
-        "alive -- a running total of loss tensors (total += loss keeps every graph), the outputs, or the logits. "
-        "Keep loss.item() only")
-    return {"ratio_to_reference": ratio, "steps": n}
+    shown = memory_rise_within(
+        got.memory, ref.memory, PEAK_RATIO, f"{n} steps of train_and_log",
+        "Something from each step stays alive -- a running total of loss tensors (total += loss keeps every "
+        "graph), the outputs, or the logits. Keep loss.item() only")
+    return {**shown, "ratio_to_reference": got.memory.delta_bytes / max(ref.memory.delta_bytes, 1), "steps": n}
 
 
 # ---------------------------------------------------------------- reading a memory snapshot

@@ -28,6 +28,12 @@ Where the thresholds come from:
 * Memory, as ratios to the same collect's no-offload baseline: the tiny GPT-2's forward keeps, measured on
   CPU, under 0.01 of its no-offload residency under the reference hooks (what stays is the loss and tensors
   under 1 KiB). A student's hooks must do at most reference + 0.1; hooks that keep everything give 1.0.
+* What the hooks move: ``moves_activations`` watches the learner's hooks in one offloaded forward and backward
+  (integers only: nothing kept alive). The bytes pack copies out may be at most ``MOVED_MARGIN`` x the
+  reference's + 64 KiB (offloading the nn.Parameters autograd saves adds every weight, every step: the residency
+  and peak ratios do not show it, since the weights are on the device anyway and come back one at a time), and
+  unpack must never hand back the host copy itself (on a CPU that runs, the host *is* the device's RAM; on a GPU
+  backward would mix devices).
 * The host optimizer: after its first step (where AdamW creates its state) the device may hold, beyond
   weights and gradients, the reference's bytes + 2 bytes per parameter; AdamW's state on the device is 8 bytes
   per parameter (12 MB for the tiny GPT-2's 1.5 M). Its peak: at most the reference's x 1.1 + 256 KiB.
@@ -46,6 +52,7 @@ RTOL = 1e-5
 RESIDENCY_SLACK = 0.10
 OPT_MARGIN, OPT_SLACK_BYTES = 1.10, 256 * 1024
 STATE_SLACK_PER_PARAM = 2  # bytes per parameter; AdamW's state on the device is 8
+MOVED_MARGIN = 1.05  # bytes pack_to_host copies out, relative to the reference's (same forward)
 
 
 def _reference():
@@ -79,6 +86,44 @@ def _batch(ctx, vocab):
 
 def _hooks(ns):
     return torch.autograd.graph.saved_tensors_hooks(ns["pack_to_host"], ns["unpack_to_device"])
+
+
+def _tensors_in(obj, depth=0):
+    if torch.is_tensor(obj):
+        yield obj
+    elif depth < 4 and isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _tensors_in(x, depth + 1)
+    elif depth < 4 and isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors_in(x, depth + 1)
+
+
+def _watched_hooks(ns, seen: dict):
+    """The learner's hooks, watched: bytes pack copied out (its result does not hold the saved tensor's storage)
+    and unpacks that returned a tensor of the packed structure other than the saved one (the host copy itself).
+    Only integers are recorded: nothing here keeps a tensor alive or allocates one."""
+    originals = {}
+
+    def pack(t):
+        packed = ns["pack_to_host"](t)
+        ptr = t.untyped_storage().data_ptr()
+        if all(x.untyped_storage().data_ptr() != ptr for x in _tensors_in(packed)):
+            seen["moved_bytes"] += t.numel() * t.element_size()
+            seen["moved_params"] += isinstance(t, torch.nn.Parameter)
+        originals[id(packed)] = ptr
+        return packed
+
+    def unpack(packed):
+        out = ns["unpack_to_device"](packed)
+        ptr = originals.pop(id(packed), None)
+        if torch.is_tensor(out):
+            got = out.untyped_storage().data_ptr()
+            if got != ptr and any(got == x.untyped_storage().data_ptr() for x in _tensors_in(packed)):
+                seen["host_returns"] += 1
+        return out
+
+    return lambda: torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _forward_resident(model, batch, ctx, hooks):
@@ -144,13 +189,15 @@ def moves_activations(ns, ctx):
     batch, rows, seq = _batch(ctx, model.config.vocab_size)
     base_fwd, base_bwd = _forward_resident(model, batch, ctx, nullcontext)
     model.zero_grad(set_to_none=True)
-    off_fwd, off_bwd = _forward_resident(model, batch, ctx, lambda: _hooks(ns))
+    seen = {"moved_bytes": 0, "moved_params": 0, "host_returns": 0}
+    off_fwd, off_bwd = _forward_resident(model, batch, ctx, _watched_hooks(ns, seen))
     ck = checkpoint_blocks(_model(ctx))
     ck_fwd, _ = _forward_resident(ck, batch, ctx, nullcontext)
     ck.zero_grad(set_to_none=True)
     ck_off_fwd, _ = _forward_resident(ck, batch, ctx, lambda: _hooks(ns))
     return {"shape": [rows, seq], "ratio": off_fwd / base_fwd, "ckpt_ratio": ck_off_fwd / ck_fwd,
-            "backward_ratio": off_bwd / base_bwd}
+            "backward_ratio": off_bwd / base_bwd, **seen,
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
 @moves_activations.judge
@@ -165,6 +212,17 @@ def _(got, ref, ctx):
     assert g["ckpt_ratio"] <= r["ckpt_ratio"] + RESIDENCY_SLACK, (
         f"batch {rows} x {seq}, checkpointed blocks: {g['ckpt_ratio']:.2f} of the checkpointed residency stays "
         f"(reference {r['ckpt_ratio']:.2f}): the block inputs checkpointing keeps should be offloaded too")
+    assert g.get("host_returns", 0) <= r.get("host_returns", 0), (
+        f"batch {rows} x {seq}: unpack_to_device returned the host copy itself {g['host_returns']} time(s): bring "
+        "it back to the device it came from (t.to(device, copy=True)). On a machine without GPU the host and the "
+        "device are the same RAM, so this runs; on a GPU backward would mix devices")
+    assert g.get("moved_bytes", 0) <= r.get("moved_bytes", 0) * MOVED_MARGIN + 64 * 1024, (
+        f"batch {rows} x {seq}: your pack_to_host copied {g['moved_bytes'] / 2**20:.2f} MiB to the host in one "
+        f"forward, the reference {r['moved_bytes'] / 2**20:.2f} MiB"
+        + (f" ({g['moved_params']} of the saved tensors were nn.Parameters: the weights, "
+           f"{g['param_bytes'] / 2**20:.2f} MiB, are on the device anyway -- copying them out every step and a "
+           "second copy back in backward saves nothing)" if g.get("moved_params") else "")
+        + ". Keep weights (nn.Parameter) and tensors under MIN_OFFLOAD_BYTES where they are")
     assert g["backward_ratio"] <= r["backward_ratio"] * 1.2 + 0.05, (
         f"batch {rows} x {seq}: the backward peak is {g['backward_ratio']:.2f} of the no-offload one (reference "
         f"{r['backward_ratio']:.2f}). Keep small tensors and weights (nn.Parameter) where they are: restoring "

@@ -87,18 +87,25 @@ def _variant(**flags):
 
 
 # ------------------------------------------------------------------ qlora_train_step
-def _step(model, optimizer, batch, *, micro_batch=2, share="rows", zero=True, once=False, step_each=False,
+def _step(model, optimizer, batch, *, micro_batch=2, share="tokens", zero=True, once=False, step_each=False,
           ignore_micro=False, ret="total"):
+    """The solution's token-normalized step, or one slip: ``share`` "rows" / "count" weights each micro-batch's
+    mean loss by its rows / 1 over the number of micro-batches."""
     n = batch["input_ids"].shape[0]
     mb = n if ignore_micro else micro_batch
     k = math.ceil(n / mb)
+    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
     if zero:
         optimizer.zero_grad(set_to_none=True)
     total, summed, last = 0.0, 0, 0.0
     for i in range(0, n, mb):
         part = {key: v[i:i + mb] for key, v in batch.items()}
-        w = part["input_ids"].shape[0] / n if share == "rows" else 1 / k
-        loss = model(**part).loss * w
+        part_tokens = max(int((part["labels"][:, 1:] != -100).sum()), 1)
+        if share == "tokens":
+            loss, w = model(**part, num_items_in_batch=n_tokens).loss, part_tokens / n_tokens
+        else:
+            w = part["input_ids"].shape[0] / n if share == "rows" else 1 / k
+            loss = model(**part).loss * w
         if once:
             summed = summed + loss
         else:
@@ -141,12 +148,14 @@ WRONG = [
     Wrong("build: dropout 0.1", "build_qlora", _variant(dropout=0.1), (L,), r"dropout"),
     Wrong("build: no double quantization", "build_qlora", _variant(double_quant=False), (W,), r"double quant"),
     Wrong("step: loss / number of micro-batches", "qlora_train_step", _svariant(share="count"), (A,),
-          r"share of the batch"),
+          r"number of micro-batches"),
+    Wrong("step: micro-batches weighted by rows", "qlora_train_step", _svariant(share="rows"), (A,),
+          r"Token-normalize.*rows / all rows"),
     Wrong("step: no zero_grad", "qlora_train_step", _svariant(zero=False), (A,), r"zero_grad"),
     Wrong("step: optimizer.step per micro-batch", "qlora_train_step", _svariant(step_each=True), (A,),
           r"stepped \d+ time"),
     Wrong("step: returns the last micro-batch's loss", "qlora_train_step", _svariant(ret="last"), (A,),
-          r"batch's mean loss"),
+          r"batch's mean token loss"),
     Wrong("step: sums the losses, one backward", "qlora_train_step", _svariant(once=True), (M,), r"backward once"),
     Wrong("step: micro_batch ignored", "qlora_train_step", _svariant(ignore_micro=True), (M,), r"one micro-batch"),
 ]
