@@ -105,7 +105,8 @@ def _predicted_bytes(rc: Recipe, cfg, batch: int, seq: int) -> float:
 def cpu_has_fast_bf16() -> bool:
     """Does this CPU multiply bf16 in hardware (AVX512-BF16 / AMX, or an arm64 Mac/Graviton)?
 
-    Without it oneDNN emulates bf16 and a GPT-2 step runs 10-25x slower than in fp32.
+    Without it oneDNN emulates bf16: still 2 bytes a value, but slower than fp32 (``mixed_precision.bf16_cost(emulated=True)``
+    measures both on the machine at hand; labs 00 and 02 show it).
     """
     import platform
     if platform.machine().lower() in ("arm64", "aarch64"):
@@ -126,7 +127,7 @@ def _skip_reason(row: Row, args, cfg) -> str | None:
         return "paged optimizers page between GPU and host memory: CUDA only"
     if (args.device.type == "cpu" and resolve_precision(rc, args.device).mode != "fp32" and not args.cpu_bf16
             and not cpu_has_fast_bf16()):
-        return ("bf16 matmuls are emulated on this CPU (no AVX512-BF16/AMX): 10-25x slower than fp32; "
+        return ("bf16 matmuls are emulated on this CPU (no AVX512-BF16/AMX): slower than fp32, see mixed_precision.bf16_cost; "
                 "pass --cpu-bf16 to run it anyway (small models), or run on a GPU")
     total = hardware_info(args.device).total_memory_bytes
     need = _predicted_bytes(rc, cfg, args.batch, args.seq)

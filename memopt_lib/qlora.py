@@ -55,7 +55,7 @@ def compute_dtype_for(device: torch.device | str) -> torch.dtype:
     """The dtype QLoRA computes (and keeps its non-4-bit weights) in on ``device``.
 
     CUDA: bf16 where it is native (compute capability >= 8.0), else fp16. CPU: fp32 -- CPUs without
-    AVX512-BF16/AMX (most laptops, CI) run bf16 matmuls about 10x slower than fp32 (measured here), and a CPU
+    AVX512-BF16/AMX (most laptops, CI) run bf16 matmuls slower than fp32 (``mixed_precision.bf16_cost(emulated=True)`` measures it), and a CPU
     run measures *ratios*; the GPU numbers come from a GPU. (``recipe.resolve_precision`` with
     ``precision="auto"`` makes the same choice for a recipe.)
     """

@@ -20,9 +20,10 @@ drawn per run (:func:`tasks`) and hand back plain data (``Recipe.to_dict()``, tw
 * cost: :func:`memopt_lib.predict.cost.time_ratio` (FLOPs counted on a meta step, host bytes over PCIe).
 
 Predictions are cached per (card, model, shape, recipe) in the grader's process, so the checks of one submission,
-and submissions that choose the same recipe, share them. A recipe the predictor does not model yet
-(``NotImplementedError``: chunked cross-entropy, optimizer in backward, vocab placement, lean 4-bit preparation)
-fails with "cannot be predicted here", never a crash.
+and submissions that choose the same recipe, share them. The predictor composes
+the recipe itself (:func:`memopt_lib.recipe.compose` on a meta "GPU"), so every ``Recipe`` field is predicted; a
+field added to ``Recipe`` before the predictor models it raises ``NotImplementedError``, which fails the check with
+"cannot be predicted here", never a crash.
 
 Where the thresholds come from
 ------------------------------
@@ -198,7 +199,7 @@ def predicted(a: dict, rc: Recipe) -> dict:
     p = _predicted(_key(a, rc), rc)
     assert "unpredictable" not in p, (
         f"{_label(a)}: your recipe cannot be predicted here ({p.get('unpredictable')}); choose techniques the "
-        "predictor models: precision, quantization with prepare='peft', checkpointing, micro_batches, optimizer")
+        "predictor models (every field of memopt_lib.recipe.Recipe it lists in its error)")
     return p
 
 
