@@ -219,6 +219,7 @@ def deepspeed_zero_offload(model: torch.nn.Module, *, micro_batch: int, lr: floa
     if why:
         raise RuntimeError(why)
     import deepspeed
+    clear_stale_build_lock()
     init_single_process()
     cfg = zero_offload_config(micro_batch=micro_batch, lr=lr, **config_kwargs)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
@@ -254,6 +255,32 @@ def cpu_adam_built() -> bool:
         return any(f.endswith(".so") for f in os.listdir(path))
     except Exception:  # not installed, or no build directory yet
         return False
+
+
+STALE_LOCK_SECONDS = 900  # a CPU Adam build takes ~1.5 min on 2 cores; a lock this old was left by a killed build
+
+
+def clear_stale_build_lock(max_age_s: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove the CPU Adam build's ``lock`` file if a killed build left it behind; True if one was removed.
+
+    torch's extension loader (``cpp_extension.load`` -> ``FileBaton``) takes a build directory by creating
+    ``lock`` and waits, forever and without a message, while that file exists. A build interrupted (Ctrl-C, a
+    killed test run) leaves it, and every later DeepSpeed run on the machine hangs. A lock older than any build
+    is stale: it is removed with a notice.
+    """
+    import time
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+        from torch.utils.cpp_extension import _get_build_directory
+        lock = os.path.join(_get_build_directory(CPUAdamBuilder().name, verbose=False), "lock")
+        age = time.time() - os.path.getmtime(lock)
+    except Exception:  # not installed, no build directory, or no lock
+        return False
+    if age < max_age_s:
+        return False
+    os.remove(lock)
+    print(f"removed a stale build lock ({age / 60:.0f} min old, left by an interrupted build): {lock}")
+    return True
 
 
 # ---------------------------------------------------------------- the arithmetic

@@ -413,3 +413,21 @@ def test_check_rejects_wrong_arithmetic():
         "device_bytes": 8 * n if offload else 16 * n, "host_bytes": 8 * n if offload else 0,
         "moved_bytes": 8 * n if offload else 0}), "prediction")
     assert res.status == "failed" and "expected" in res.message
+
+
+@pytest.mark.skipif(deepspeed_available() is not None, reason="deepspeed not installed")
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    import torch.utils.cpp_extension as ext
+
+    from memopt_lib.offload_optimizer import clear_stale_build_lock
+    monkeypatch.setattr(ext, "_get_build_directory", lambda name, verbose=False: str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert clear_stale_build_lock() is False and lock.exists()  # a build may be running now
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert clear_stale_build_lock() is True and not lock.exists()
+    assert clear_stale_build_lock() is False  # nothing left to remove
