@@ -20,6 +20,7 @@ def test_a_technique_the_predictor_cannot_express_is_a_placeholder_with_its_reas
         raise NotImplementedError("the predictor does not model X")
     monkeypatch.setattr("memopt_lib.predict.step.predict_step", rejects)
     monkeypatch.setattr(in_labs, "_MEMO", {})
+    monkeypatch.setenv("MEMOPT_PREDICTION_CACHE", "0")
     res = show_predictions("t4", [Case("gpt2", 8, 512, "chunked cross-entropy"),
                                   Case("gpt2", 8, 512, "fp32 baseline", label="optimizer offload",
                                        not_modelled="optimizer offloading is not a recipe field")])
@@ -88,3 +89,28 @@ def test_a_prediction_line_names_the_gpu_the_peaks_and_the_error_against_the_anc
 def test_unknown_gpu_is_a_clear_error():
     with pytest.raises(KeyError, match="unknown GPU"):
         predict_case("v100", Case("gpt2", 8, 512, "fp32 baseline"))
+
+
+def test_a_prediction_is_kept_on_disk_for_the_same_code_and_recomputed_for_changed_code(tmp_path, monkeypatch):
+    import memopt_lib.predict.in_labs as in_labs
+    import memopt_lib.predict.step as step
+    monkeypatch.setenv("MEMOPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(in_labs, "_MEMO", {})
+    calls = []
+    real = step.predict_step
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+    monkeypatch.setattr(step, "predict_step", counting)
+    case = Case("gpt2", 1, 64, "fp32 baseline")
+    first = predict_case("t4", case)["predicted"]
+    assert len(calls) == 1 and len(list((tmp_path / "predictions").glob("*.json"))) == 1
+    monkeypatch.setattr(in_labs, "_MEMO", {})  # a new notebook process: only the disk copy is left
+    again = predict_case("t4", case)["predicted"]
+    assert len(calls) == 1 and again["peak_allocated_bytes"] == first["peak_allocated_bytes"]
+    assert predict_case("h200", case)["predicted"] and len(calls) == 2  # another GPU is another configuration
+    monkeypatch.setattr(in_labs, "_MEMO", {})
+    monkeypatch.setattr(in_labs, "code_digest", lambda: "changed")  # an edit to memopt_lib or a new library
+    predict_case("t4", case)
+    assert len(calls) == 3

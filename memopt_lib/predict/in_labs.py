@@ -108,25 +108,89 @@ def bench_record(row: str, model: str = "gpt2", batch: int = 8, seq: int = 512) 
     return None
 
 
+def _recipe_of(case: Case) -> dict:
+    from ..bench import row_recipe
+    rc = row_recipe(case.row, case.model) if isinstance(case.row, str) else case.row.recipe
+    return rc.to_dict()
+
+
+def code_digest() -> str:
+    """A hash of everything a prediction depends on: memopt_lib's source and the versions of the libraries it runs."""
+    import hashlib
+    from importlib import metadata
+    from pathlib import Path
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    for dist in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            h.update(f"{dist}={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{dist}=absent".encode())
+    return h.hexdigest()
+
+
+def _disk_path(key_data: dict):
+    import hashlib
+    import json
+    from ..models import cache_dir
+    digest = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return cache_dir() / "predictions" / f"{digest}.json"
+
+
+def _predict_cached(g, case: Case) -> tuple[dict | None, str]:
+    """predict_step for ``case``, kept on disk keyed by :func:`code_digest` and the whole configuration.
+
+    A notebook is its own process, so the in-process memo cannot spare a lab's second run the seconds a 7B row
+    costs; the disk copy can. It is a copy of what this very code computed on this machine (any change to
+    memopt_lib or to a library version changes the key). ``MEMOPT_PREDICTION_CACHE=0`` turns it off.
+    """
+    import json
+    import os
+    from .step import predict_step
+    opts = {"steps": STEPS, **case.options}
+    use_disk = os.environ.get("MEMOPT_PREDICTION_CACHE", "1") != "0"
+    path = None
+    if use_disk:
+        path = _disk_path({"code": code_digest(), "gpu": g.name, "model": case.model, "batch": case.batch,
+                           "seq": case.seq, "recipe": _recipe_of(case), "options": opts})
+        try:
+            saved = json.loads(path.read_text())
+            return saved["predicted"], saved["why_not"]
+        except (OSError, ValueError, KeyError):
+            pass  # not computed yet (or an unreadable copy): compute it
+    try:
+        out = (predict_step(g, case.model, case.batch, case.seq, case.row, **opts), "")
+    except NotImplementedError as err:  # the recipe uses a technique the predictor does not model
+        out = (None, str(err))
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"predicted": out[0], "why_not": out[1]}))
+            os.replace(tmp, path)  # atomic: a concurrent notebook reads the old file or the new one
+        except (OSError, TypeError, ValueError):
+            pass  # a read-only cache or a result JSON cannot hold: keep the in-process copy only
+    return out
+
+
 def predict_case(gpu: str, case: Case, *, loose_anchor: bool = False) -> dict:
     """``{"case", "gpu", "predicted": predict_step's dict or None, "why_not": str, "anchor": dict or None}``.
 
     ``why_not`` is the predictor's own reason when it does not model the recipe (or ``case.not_modelled``).
     The anchor is looked up whatever the GPU (it is an H200 measurement: compare it with the ``"h200"``
-    prediction; on another GPU it shows the order of magnitude only).
+    prediction; on another GPU it shows the order of magnitude only). Results are memoized in the process and
+    on disk (:func:`_predict_cached`).
     """
     from .gpus import gpu as get_gpu
-    from .step import predict_step
     g = get_gpu(gpu)  # a clear error for an unknown GPU name
-    key = (g.name, case.model, case.batch, case.seq, case.row_name, tuple(sorted(case.options.items())))
     if case.not_modelled:
         return {"case": case, "gpu": g.name, "predicted": None, "why_not": case.not_modelled, "anchor": None}
+    key = (g.name, case.model, case.batch, case.seq, repr(_recipe_of(case)), tuple(sorted(case.options.items())))
     if key not in _MEMO:
-        try:
-            opts = {"steps": STEPS, **case.options}
-            _MEMO[key] = (predict_step(g, case.model, case.batch, case.seq, case.row, **opts), "")
-        except NotImplementedError as err:  # the recipe uses a technique the predictor does not model yet
-            _MEMO[key] = (None, str(err))
+        _MEMO[key] = _predict_cached(g, case)
     pred, why = _MEMO[key]
     return {"case": case, "gpu": g.name, "predicted": pred, "why_not": why,
             "anchor": _anchor_for(case, loose=loose_anchor)}
