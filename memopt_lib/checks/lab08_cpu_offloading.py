@@ -257,11 +257,12 @@ def host_optimizer(ns, ctx):
     """HostAdamW steps like torch AdamW (two steps), with no optimizer state on the device."""
     model = _model(ctx)
     batch, rows, seq = _batch(ctx, model.config.vocab_size)
-    lr = ctx.rng.choice([1e-3, 2e-3, 5e-3])
+    # never AdamW's defaults (lr 1e-3, weight_decay 0.01): an optimizer that drops them must differ
+    lr, wd = ctx.rng.choice([3e-4, 2e-3, 5e-3]), ctx.rng.choice([0.0, 0.05, 0.1])
     box = {}
 
     def first_step():  # the optimizer is built and takes its first step here: AdamW creates its state now
-        box["opt"] = opt = ns["HostAdamW"](list(model.parameters()), lr=lr)
+        box["opt"] = opt = ns["HostAdamW"](list(model.parameters()), lr=lr, weight_decay=wd)
         opt.zero_grad()
         model(**batch).loss.backward()
         opt.step()
@@ -275,7 +276,7 @@ def host_optimizer(ns, ctx):
     loss.backward()
     opt.step()
     weights = {n: p.detach() for n, p in model.named_parameters()}
-    return {"shape": [rows, seq], "lr": lr, "peak_bytes": first["peak_bytes"],
+    return {"shape": [rows, seq], "lr": lr, "weight_decay": wd, "peak_bytes": first["peak_bytes"],
             "state_bytes": first["end_bytes"] - kept, "weights": fingerprint(weights, ctx.seed),
             "second_loss": loss.item(), "params": sum(p.numel() for p in model.parameters())}
 
@@ -286,9 +287,10 @@ def _(got, ref, ctx):
     rows, seq = r["shape"]
     err = fingerprint_error(g["weights"], r["weights"])
     assert abs(g["second_loss"] - r["second_loss"]) <= RTOL * abs(r["second_loss"]) and err <= 1e-4, (
-        f"lr={r['lr']}, batch {rows} x {seq}: after two steps the weights differ from torch AdamW's (relative "
+        f"lr={r['lr']}, weight_decay={r['weight_decay']}, batch {rows} x {seq}: after two steps the weights differ "
+        f"from torch AdamW's with them (relative "
         f"error {err:.2e}; second loss {g['second_loss']:.6f} vs {r['second_loss']:.6f}). Step "
-        "torch.optim.AdamW(host copies, lr=lr, weight_decay=weight_decay) with the gradients copied to the host "
+        "torch.optim.AdamW(host copies, lr=lr, weight_decay=weight_decay) -- both passed on -- with the gradients copied to the host "
         "copies' .grad, then copy the host values into the device parameters (param.data.copy_)")
     state_budget = r["state_bytes"] + STATE_SLACK_PER_PARAM * r["params"]
     assert g["state_bytes"] <= state_budget, (
