@@ -29,6 +29,7 @@ same shape (``vs 1st``), whether it fits the GPU, and the largest part of the pe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 GiB = float(1 << 30)
 GPUS_FOR_LABS = ("t4", "a100", "h100", "h200")
@@ -114,8 +115,11 @@ def _recipe_of(case: Case) -> dict:
     return rc.to_dict()
 
 
+@lru_cache(maxsize=1)
 def code_digest() -> str:
-    """A hash of everything a prediction depends on: memopt_lib's source and the versions of the libraries it runs."""
+    """A hash of everything a prediction depends on: memopt_lib's source and the versions of the libraries it runs.
+
+    Computed once per process (the modules a process has imported do not change under it), not once per case."""
     import hashlib
     from importlib import metadata
     from pathlib import Path
