@@ -185,7 +185,8 @@ def _predicted(key: tuple, rc: Recipe) -> dict:
     card_gb, model, batch, seq, _ = key
     c = cost.CARDS[card_gb]
     try:
-        p = predict_step(c.gpu, model, batch, seq, row=Row(rc.name, rc), steps=2)
+        # no FLOP count here: time_ratio takes both sides' FLOPs from cost.step_flops (it drops the predictor's)
+        p = predict_step(c.gpu, model, batch, seq, row=Row(rc.name, rc), steps=2, count_flops=False)
     except NotImplementedError as err:
         return {"unpredictable": str(err)}
     paged = 2 * p["trainable_params"] if rc.optimizer == "paged_adamw_8bit" else 0  # 8-bit state, off the GPU

@@ -15,7 +15,9 @@ full fine-tune fits no card of the course). The model, and nothing else::
   its backward is one matmul per layer instead of two), the adapters' own small matmuls. A 4-bit base counts
   as a dense frozen ``Linear`` (bitsandbytes dequantizes and multiplies: the same matmul FLOPs; the
   dequantization itself is memory traffic, not modelled). Micro-batches do not change the FLOPs.
-  When the predictor reports ``flops`` itself (``predict_step(...)["flops"]``) that number is used instead.
+  :func:`step_time_s` uses the predictor's own ``flops`` when it is handed them (``predict_step(...)["flops"]``);
+  :func:`time_ratio` does not: it takes both sides of the ratio from :func:`step_flops`, because the predictor's
+  count also has flash attention's backward recomputation, which ``step_flops`` cannot see.
 * **peak FLOPS** by precision: :data:`HALF_PRECISION_SPEEDUP` -- 16-bit matmuls (autocast, pure bf16, a 4-bit
   base computing in bf16) run 2x the fp32 rate on the course's cards (compute capability 8.6: NVIDIA's GA102
   whitepaper, RTX 3090: 71 dense bf16 tensor TFLOPS with fp32 accumulate vs 35.6 fp32 TFLOPS; PyTorch does not
